@@ -1,0 +1,83 @@
+"Shared fixtures: the project's test data in ../shared/data, a clean environment, and running the real CLI."
+import os, subprocess, sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+_PROXY_VARS = ('http_proxy', 'https_proxy', 'all_proxy', 'HTTP_PROXY', 'HTTPS_PROXY', 'ALL_PROXY')
+
+
+@pytest.fixture(scope='session')
+def shared_data() -> Path:
+    "The project's test data folder, `../shared/data` next to the repository; fails (never skips) without it."
+    path = (REPO/'..'/'shared'/'data').resolve()
+    if not ((path/'pneumoniamnist.npz').is_file() and (path/'chest_xray_224').is_dir()):
+        pytest.fail(f"test data missing: expected {path} holding pneumoniamnist.npz and chest_xray_224/ "
+                    "(see its README.md); the tests need it and must not download anything", pytrace=False)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    "No test sees the user's XRAY_FASTAI_* settings or a proxy (the local HTTP server must be reached directly)."
+    for k in [k for k in os.environ if k.startswith('XRAY_FASTAI_')] + list(_PROXY_VARS):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv('NO_PROXY', '127.0.0.1,localhost')
+    monkeypatch.setenv('no_proxy', '127.0.0.1,localhost')
+
+
+@pytest.fixture(scope='session')
+def cli_env(shared_data) -> dict:
+    "Environment for CLI subprocesses: no XRAY_FASTAI_* or proxy settings, the dataset cache is `shared_data`."
+    env = {k: v for k, v in os.environ.items() if not k.startswith('XRAY_FASTAI_') and k not in _PROXY_VARS}
+    return {**env, 'XRAY_FASTAI_DATA': str(shared_data), 'NO_PROXY': '127.0.0.1,localhost',
+            'no_proxy': '127.0.0.1,localhost', 'COLUMNS': '200'}
+
+
+class CliProcess:
+    "`python -m xray_fastai.cli ARGS...` started in the background; `result()` waits for it."
+    def __init__(self, args, env:dict, timeout:float=180):
+        self.timeout = timeout
+        self.proc = subprocess.Popen([sys.executable, '-m', 'xray_fastai.cli', *map(str, args)], cwd=REPO, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+
+    def result(self) -> subprocess.CompletedProcess:
+        "The finished process, with its text stdout and stderr."
+        out, err = self.proc.communicate(timeout=self.timeout)
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, err)
+
+    def kill(self):
+        if self.proc.poll() is None: self.proc.kill(); self.proc.communicate()
+
+
+@pytest.fixture(scope='session')
+def start_cli(cli_env):
+    "Start the real CLI in a subprocess (`start_cli(*args, env={...})`), so that slow runs can overlap other tests."
+    procs = []
+    def start(*args, env:dict=None):
+        procs.append(CliProcess(args, {**cli_env, **(env or {})}))
+        return procs[-1]
+    yield start
+    for p in procs: p.kill()
+
+
+@pytest.fixture
+def run_cli(start_cli):
+    "Run the real CLI in a subprocess and wait for it: `run_cli(*args, env={...})` -> `CompletedProcess`."
+    return lambda *args, env=None: start_cli(*args, env=env).result()
+
+
+@pytest.fixture(scope='session')
+def mini_npz(shared_data, tmp_path_factory):
+    "A small PneumoniaMNIST (28 px) with the official splits subsampled (stratified): quick training in tests."
+    src = np.load(shared_data/'pneumoniamnist.npz')
+    rng, out = np.random.default_rng(0), {}
+    for split, n in (('train', 512), ('val', 128), ('test', 128)):
+        y = src[f'{split}_labels'].reshape(-1)
+        idx = np.sort(np.concatenate([rng.choice(np.flatnonzero(y == c), n // 2, replace=False) for c in (0, 1)]))
+        out[f'{split}_images'], out[f'{split}_labels'] = src[f'{split}_images'][idx], src[f'{split}_labels'][idx]
+    path = tmp_path_factory.mktemp('data')/'mini_pneumoniamnist.npz'
+    np.savez(path, **out)
+    return path

@@ -1,0 +1,83 @@
+"Training core: fixed-feature mode, discriminative LRs, lr_find, early stopping, resume, reproducibility."
+import numpy as np, pandas as pd, pytest, torch
+from xray_fastai.core import load_json, XrayError
+from fastai.callback.core import Callback
+from xray_fastai.learner import train, resume, train_config, _build
+
+pytestmark = pytest.mark.slow
+
+
+def _kw(mini_npz, **kw):
+    return dict(source=str(mini_npz), verify=False, pretrained=False, bs=64, seed=0, **kw)
+
+def test_frozen_body_is_bit_identical(mini_npz, tmp_path):
+    c = train_config(**_kw(mini_npz, arch='resnet34', frozen=True, epochs=1, lr=1e-2))
+    learn = _build(c, tmp_path)
+    before = {k: v.clone() for k, v in learn.model[0].state_dict().items()}
+    learn.create_opt()
+    head_ids = {id(p) for p in learn.model[1].parameters()}
+    assert {id(p) for p, *_ in learn.opt.all_params()} == head_ids
+    assert not any(p.requires_grad for p in learn.model[0].parameters())
+    head_before = [p.detach().clone() for p in learn.model[1].parameters()]
+    learn.fit_one_cycle(1, 1e-2)
+    after = learn.model[0].state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm running stats included
+    assert any(not torch.equal(a, b) for a, b in zip(head_before, learn.model[1].parameters()))
+
+def test_finetune_discriminative_lrs(mini_npz, tmp_path):
+    c = train_config(**_kw(mini_npz, arch='mobilenet_v2', epochs=1, lr=1e-4, lr_mult=10))
+    learn = _build(c, tmp_path)
+    learn.create_opt()
+    learn.opt.set_hyper('lr', slice(1e-4 / 10, 1e-4))
+    lrs = [h['lr'] for h in learn.opt.hypers]
+    assert len(lrs) == 4  # stem, early, late, head
+    assert lrs == sorted(lrs) and lrs[0] == pytest.approx(1e-5) and lrs[-1] == pytest.approx(1e-4)
+
+def test_train_writes_run_folder(mini_npz, tmp_path):
+    run = train(out=tmp_path/'run', **_kw(mini_npz, arch='resnet34', frozen=True, epochs=2, lr='auto'))
+    names = {p.name for p in run.iterdir()}
+    assert {'config.json', 'history.csv', 'best.pth', 'last.pth', 'lr_find.png', 'loss.png', 'metrics.json',
+            'model.safetensors', 'model.json'} <= names
+    c, m = load_json(run/'config.json'), load_json(run/'metrics.json')
+    assert np.isfinite(c['lr']) and c['lr'] > 0 and set(c['lr_suggestions']) == {'valley', 'slide', 'minimum', 'steep'}
+    assert (run/'lr_find.png').read_bytes()[:4] == b'\x89PNG'
+    hist = pd.read_csv(run/'history.csv')
+    assert list(hist.epoch) == [0, 1] and m['epochs'] == 2
+    assert m['trainable_params'] < m['params'] / 10
+    meta = load_json(run/'model.json')
+    assert meta['classes'] == ['NORMAL', 'PNEUMONIA'] and meta['size'] == 28 and len(meta['stats'][0]) == 1
+    with pytest.raises(XrayError, match='already exists'):
+        train(out=run, **_kw(mini_npz, arch='resnet34', frozen=True, epochs=1))
+
+def test_early_stopping_stops(mini_npz, tmp_path):
+    # a huge learning rate makes valid_loss worse after the first epoch; patience 1 stops the run early
+    run = train(out=tmp_path/'es', **_kw(mini_npz, arch='resnet34', frozen=True, epochs=6, lr=5.0, patience=1))
+    assert len(pd.read_csv(run/'history.csv')) < 6
+
+def test_same_seed_same_history(mini_npz, tmp_path):
+    kw = _kw(mini_npz, arch='resnet34', frozen=True, epochs=2, lr=1e-2)
+    a, b = (pd.read_csv(train(out=tmp_path/n, **kw)/'history.csv').drop(columns='seconds') for n in 'ab')
+    pd.testing.assert_frame_equal(a, b)
+
+class Crash(Callback):
+    "Die (like a killed process) once `n` epochs of the run are complete and checkpointed."
+    order = 100
+    def __init__(self, n): self.n, self.done = n, 0
+    def after_epoch(self):
+        if getattr(self.learn, 'replaying', False): return
+        self.done += 1
+        if self.done == self.n: raise RuntimeError('simulated crash')
+
+@pytest.mark.parametrize('crash_after', [1, 3])  # inside the head-only stage / inside the fine-tune stage
+def test_resume_matches_uninterrupted(mini_npz, tmp_path, crash_after):
+    kw = _kw(mini_npz, arch='resnet34', epochs=3, lr=1e-3, freeze_epochs=1, patience=5)
+    full = pd.read_csv(train(out=tmp_path/'full', **kw)/'history.csv')
+    with pytest.raises(RuntimeError, match='simulated crash'):
+        train(out=tmp_path/'cut', cbs=[Crash(crash_after)], **kw)
+    assert len(pd.read_csv(tmp_path/'cut'/'history.csv')) == crash_after
+    resumed = pd.read_csv(resume(tmp_path/'cut')/'history.csv')
+    assert list(resumed.epoch) == [0, 1, 2, 3] and list(resumed.stage) == [0, 1, 1, 1]
+    # random states, optimizer and schedule position are restored: the numbers match too
+    cols = [c for c in full.columns if c != 'seconds']
+    pd.testing.assert_frame_equal(full[cols], resumed[cols], atol=1e-5, rtol=1e-4)
+    assert load_json(tmp_path/'cut'/'metrics.json')['epochs'] == 4
