@@ -1,0 +1,58 @@
+"`xray-fastai train` and `lr-find` through the real command line: run folders, offline errors, bad options."
+import json, os
+import pandas as pd, pytest
+
+def _one_line_error(r, *words):
+    assert r.returncode == 2, r.stderr
+    errors = [l for l in r.stderr.splitlines() if l.startswith('error: ')]
+    assert len(errors) == 1 and 'Traceback' not in r.stderr, r.stderr
+    for w in words: assert w in errors[0], errors[0]
+    return errors[0]
+
+def test_train_frozen_cli(run_cli, mini_npz, tmp_path):
+    out = tmp_path/'run'
+    r = run_cli('train', '--data', mini_npz, '--arch', 'resnet34', '--frozen', '--no-pretrained', '--epochs', '2',
+                '--no-verify', '--out', out)
+    assert r.returncode == 0, r.stderr
+    # not a terminal: one line per epoch, no progress-bar spam
+    assert [l.split()[1] for l in r.stdout.splitlines() if l.startswith('epoch ')] == ['1/2', '2/2']
+    assert '\r' not in r.stdout and str(out) in r.stdout.splitlines()[-1]
+    cfg, hist = json.loads((out/'config.json').read_text()), pd.read_csv(out/'history.csv')
+    assert (cfg['arch'], cfg['frozen'], cfg['pretrained'], cfg['epochs']) == ('resnet34', True, False, 2)
+    assert len(hist) == 2 and hist.accuracy.between(0, 1).all()
+
+def test_offline_pretrained_is_one_line_and_leaves_no_run(run_cli, mini_npz, tmp_path):
+    env = {'TORCH_HOME': str(tmp_path/'torch'), 'HF_HUB_OFFLINE': '1'}  # an empty weights cache
+    r = run_cli('train', '--data', mini_npz, '--arch', 'resnet34', '--epochs', '1', '--out', tmp_path/'run', env=env)
+    _one_line_error(r, 'pretrained weights for resnet34', '--no-pretrained', '--weights PATH')
+    assert not (tmp_path/'run').exists()
+
+@pytest.mark.parametrize('args,words', [
+    (['--epochs', '0'], ['--epochs must be positive']),
+    (['--bs', '0'], ['--bs must be positive']),
+    (['--lr', '-1'], ['--lr must be positive']),
+    (['--lr', 'fast'], ["--lr must be a number or 'auto'"]),
+    (['--size', '8'], ['--size must be at least 16']),
+    (['--monitor', 'kappa'], ["unknown --monitor 'kappa'", 'valid_loss']),
+    (['--arch', 'resnet35x'], ["unknown architecture 'resnet35x'", 'resnet34', 'mobilenet_v2']),
+    (['--frozen', '--freeze-epochs', '1'], ['--freeze-epochs is for fine-tuning']),
+    (['--aug-param', 'max_spin=3'], ["unknown augmentation setting(s) ['max_spin']"]),
+])
+def test_bad_train_options(start_cli, mini_npz, tmp_path, args, words):
+    r = start_cli('train', '--data', mini_npz, '--no-pretrained', '--out', tmp_path/'run', *args).result()
+    _one_line_error(r, *words)
+    assert not (tmp_path/'run').exists()
+
+def test_existing_run_folder_is_not_overwritten(run_cli, mini_npz, tmp_path):
+    out = tmp_path/'mine'; out.mkdir(); (out/'notes.txt').write_text('keep me')
+    r = run_cli('train', '--data', mini_npz, '--no-pretrained', '--out', out)
+    _one_line_error(r, 'already exists', '--resume')
+    assert (out/'notes.txt').read_text() == 'keep me' and len(list(out.iterdir())) == 1
+
+def test_lr_find_cli(run_cli, mini_npz, tmp_path):
+    plot = tmp_path/'lr.png'
+    r = run_cli('lr-find', '--data', mini_npz, '--frozen', '--no-pretrained', '--no-verify', '--plot', plot)
+    assert r.returncode == 0, r.stderr
+    sugg = dict(l.split() for l in r.stdout.splitlines())
+    assert set(sugg) == {'valley', 'slide', 'minimum', 'steep'} and all(float(v) > 0 for v in sugg.values())
+    assert plot.read_bytes()[:4] == b'\x89PNG'
