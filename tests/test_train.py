@@ -81,3 +81,38 @@ def test_resume_matches_uninterrupted(mini_npz, tmp_path, crash_after):
     cols = [c for c in full.columns if c != 'seconds']
     pd.testing.assert_frame_equal(full[cols], resumed[cols], atol=1e-5, rtol=1e-4)
     assert load_json(tmp_path/'cut'/'metrics.json')['epochs'] == 4
+
+def test_cached_features_train_the_head_on_fixed_features(mini_npz, tmp_path):
+    from xray_fastai.learner import feature_learner
+    c = train_config(**_kw(mini_npz, arch='resnet34', frozen=True, aug=False, epochs=2, lr=1e-2))
+    assert c['cached_features']
+    learn = _build(c, tmp_path)
+    body = {k: v.clone() for k, v in learn.model[0].state_dict().items()}
+    flearn = feature_learner(learn)
+    xb, yb = flearn.dls.train.one_batch()
+    assert xb.shape == (64, 512, 1, 1) and flearn.model is learn.model[1]  # resnet34 body at 28 px -> 512x1x1
+    n_train = len(learn.dls.train_ds)
+    assert len(flearn.dls.train_ds) == n_train and len(flearn.dls.valid_ds) == len(learn.dls.valid_ds)
+    flearn.fit_one_cycle(2, 1e-2)
+    assert all(torch.equal(body[k], v) for k, v in learn.model[0].state_dict().items())
+    valid_loss, acc = flearn.recorder.values[-1][1:3]
+    assert valid_loss < 0.69 and acc > 0.6  # better than chance (ln 2; balanced classes): the head learned
+    with pytest.raises(XrayError, match='--frozen and --no-aug'):
+        train_config(**_kw(mini_npz, arch='resnet34', cached_features=True))
+
+def test_class_weights(mini_npz, tmp_path):
+    c = train_config(**_kw(mini_npz, arch='resnet34', frozen=True, epochs=1, class_weights=True))
+    learn = _build(c, tmp_path)
+    counts = learn.dls.src.items('train').label.value_counts()
+    w = learn.loss_func.func.weight
+    expected = [counts.sum() / (2 * counts[c]) for c in learn.dls.vocab]
+    assert torch.allclose(w.cpu(), torch.tensor(expected, dtype=torch.float))
+
+def test_weights_from_an_earlier_run(mini_npz, tmp_path):
+    from xray_fastai.learner import load_model_dir
+    first = train(out=tmp_path/'a', **_kw(mini_npz, arch='resnet34', frozen=True, epochs=1, lr=1e-2))
+    c = train_config(**_kw(mini_npz, arch='resnet34', weights=first/'model.safetensors', epochs=1))
+    assert c['lr_mult'] == 1.0  # weights given: no ImageNet pretraining assumed
+    learn = _build(c, tmp_path/'b')
+    saved, _ = load_model_dir(first)
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), learn.model.state_dict().values()))

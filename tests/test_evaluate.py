@@ -1,0 +1,133 @@
+"Evaluation: metrics from a confusion matrix, the threshold for a target recall, and `evaluate` on a tiny trained run."
+import numpy as np, pandas as pd, pytest, torch
+from xray_fastai.core import XrayError, load_json
+from xray_fastai.evaluate import binary_metrics, threshold_for_recall, evaluate, eval_dir, format_eval, decide
+from xray_fastai.learner import train, load_model_dir
+
+PNG = b'\x89PNG\r\n\x1a\n'
+
+
+def test_binary_metrics_hand_computed():
+    # 12 cases, 5 positive. At 0.5: TP = .95 .7 .5 (3), FN = .4 .1 (2), FP = .8 .6 (2), TN = the other 5.
+    probs   = [0.95, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.2, 0.1, 0.1, 0.0]
+    targets = [1,    0,   1,   0,   1,   1,   0,   0,   0,   1,   0,   0]
+    m = binary_metrics(probs, targets, 0.5)
+    assert (m['tn'], m['fp'], m['fn'], m['tp'], m['n']) == (5, 2, 2, 3, 12)
+    assert m['accuracy'] == pytest.approx(8 / 12)
+    assert m['precision'] == pytest.approx(3 / 5)
+    assert m['recall'] == pytest.approx(3 / 5)
+    assert m['specificity'] == pytest.approx(5 / 7)
+    assert m['f1'] == pytest.approx(2 * 3 / (2 * 3 + 2 + 2))
+    # AUC = share of (positive, negative) pairs ranked right, ties counting half: by hand 24.5 of 35
+    assert m['roc_auc'] == pytest.approx(24.5 / 35)
+    p, t = np.clip(probs, 1e-7, 1 - 1e-7), np.array(targets)
+    assert m['loss'] == pytest.approx(-np.mean(t * np.log(p) + (1 - t) * np.log(1 - p)))
+    # another threshold moves only the counts: 0.65 calls .95 .8 .7 positive
+    m = binary_metrics(probs, targets, 0.65)
+    assert (m['tn'], m['fp'], m['fn'], m['tp']) == (6, 1, 3, 2) and m['roc_auc'] == pytest.approx(24.5 / 35)
+
+
+def test_binary_metrics_edge_cases():
+    m = binary_metrics(torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0, 0, 0]))  # tensors, no positive at all
+    assert (m['tn'], m['fp'], m['fn'], m['tp']) == (3, 0, 0, 0)
+    assert m['precision'] == m['recall'] == m['f1'] == 0 and m['specificity'] == 1 and m['roc_auc'] is None
+    with pytest.raises(XrayError, match='as many'): binary_metrics([0.1, 0.2], [1])
+
+
+def test_threshold_for_recall_is_highest_reaching_target():
+    rng = np.random.default_rng(0)
+    t = rng.integers(0, 2, 300)
+    p = np.round(np.clip(0.3 * t + rng.normal(0.4, 0.2, 300), 0, 1), 2)  # rounded: many ties
+    cands = np.unique(p)
+    for target in (0.5, 0.8, 0.9, 0.95, 0.99, 1.0):
+        thr = threshold_for_recall(p, t, target)
+        assert binary_metrics(p, t, thr)['recall'] >= target
+        # brute force over every distinct score: none higher reaches the target
+        assert thr == max(c for c in cands if binary_metrics(p, t, c)['recall'] >= target)
+        assert binary_metrics(p, t, np.nextafter(thr, 1))['recall'] < target
+    with pytest.raises(XrayError, match='no positive'): threshold_for_recall(p, np.zeros_like(t))
+    with pytest.raises(XrayError, match='target recall'): threshold_for_recall(p, t, 0)
+
+
+def test_decide_threshold():
+    preds = torch.tensor([[0.7, 0.3], [0.4, 0.6], [0.9, 0.1]])
+    assert decide(preds, 1, 0.5).tolist() == [0, 1, 0]
+    assert decide(preds, 1, 0.2).tolist() == [1, 1, 0]
+
+
+@pytest.fixture(scope='module')
+def tiny_run(mini_npz, tmp_path_factory):
+    "One epoch of a fixed-feature resnet34 from scratch, without augmentation (cached features): a few seconds."
+    return train(out=tmp_path_factory.mktemp('runs')/'tiny', source=str(mini_npz), verify=False, pretrained=False,
+                 arch='resnet34', frozen=True, aug=False, epochs=1, lr=1e-2, bs=64, seed=0)
+
+
+@pytest.mark.slow
+def test_evaluate_writes_everything(tiny_run, mini_npz):
+    m = evaluate(tiny_run)
+    out = eval_dir(tiny_run)
+    assert out == tiny_run/'eval-test'
+    for f in ('confusion_matrix.png', 'confusion_matrix_chosen.png', 'top_losses.png', 'roc.png'):
+        assert (out/f).read_bytes()[:8] == PNG, f
+    assert 'PNEUMONIA' in (out/'classification_report.txt').read_text()
+    saved = load_json(out/'metrics.json')
+    assert saved['default'] == m['default'] and saved['chosen'] == m['chosen']
+    assert saved['split'] == 'test' and saved['n'] == 128 and saved['positive'] == 'PNEUMONIA'
+    for row in ('default', 'chosen'):
+        r = saved[row]
+        assert r['tn'] + r['fp'] + r['fn'] + r['tp'] == 128
+        assert r['tp'] + r['fn'] == 64  # the subset is class-balanced
+        assert r['accuracy'] == pytest.approx((r['tp'] + r['tn']) / 128)
+    assert saved['default']['threshold'] == 0.5
+    assert saved['chosen']['valid_recall'] >= 0.95
+    # the metrics follow from the saved probabilities
+    preds = pd.read_csv(out/'preds.csv')
+    assert len(preds) == 128 and set(preds.label) == {'NORMAL', 'PNEUMONIA'}
+    assert binary_metrics(preds.prob, preds.target, saved['chosen']['threshold']) == \
+        {k: v for k, v in saved['chosen'].items() if k != 'valid_recall'}
+    # ... and those are the deployable model's, on the raw pixels normalised with the run's stats
+    model, meta = load_model_dir(tiny_run)
+    with np.load(mini_npz) as f:  # an npz item is its index in train + val + test
+        images = np.concatenate([f[f'{s}_images'] for s in ('train', 'val', 'test')])
+    x = torch.tensor(images[preds.item.values], dtype=torch.float32) / 255
+    (mean,), (std,) = meta['stats']
+    with torch.no_grad(): probs = model(((x - mean) / std)[:, None]).softmax(1)[:, 1]
+    np.testing.assert_allclose(probs.numpy(), preds.prob.values, atol=1e-5)
+    text = format_eval(m)
+    assert '0.5' in text and '*' in text and 'recall' in text
+
+
+@pytest.mark.slow
+def test_threshold_is_chosen_on_validation(tiny_run):
+    v, t = evaluate(tiny_run, split='valid'), load_json(eval_dir(tiny_run)/'metrics.json')
+    thr = v['chosen']['threshold']
+    assert t['chosen']['threshold'] == thr  # the test evaluation used the validation split's threshold
+    preds = pd.read_csv(eval_dir(tiny_run, 'valid')/'preds.csv')
+    assert binary_metrics(preds.prob, preds.target, thr)['recall'] >= 0.95
+    assert binary_metrics(preds.prob, preds.target, np.nextafter(thr, 1))['recall'] < 0.95
+    # the rebuilt learner is the trained one: training logged the same loss and accuracy for its best epoch
+    best = load_json(tiny_run/'metrics.json')['best']
+    assert v['default']['loss'] == pytest.approx(best['valid_loss'], abs=1e-4)
+    assert v['default']['accuracy'] == pytest.approx(best['accuracy'])
+
+
+@pytest.mark.slow
+def test_evaluate_tta(tiny_run):
+    if not (eval_dir(tiny_run)/'preds.csv').is_file(): evaluate(tiny_run)
+    m = evaluate(tiny_run, tta=True)
+    assert m['tta'] and eval_dir(tiny_run, tta=True) == tiny_run/'eval-test-tta'
+    assert (tiny_run/'eval-test-tta'/'top_losses.png').read_bytes()[:8] == PNG
+    plain, tta = (pd.read_csv(eval_dir(tiny_run, tta=t)/'preds.csv') for t in (False, True))
+    assert sum(m['default'][k] for k in ('tn', 'fp', 'fn', 'tp')) == 128
+    # the run had no augmentation: TTA adds XRAY_AUG's, and the augmented passes change the probabilities
+    assert (plain.item == tta.item).all() and not np.allclose(plain.prob, tta.prob)
+
+
+@pytest.mark.slow
+def test_evaluate_user_errors(tiny_run, shared_data, tmp_path):
+    # the Kermany folder ships without test/: one clear line, before any model is built
+    with pytest.raises(XrayError, match=r'has no test split'):
+        evaluate(tiny_run, source=shared_data/'chest_xray_224')
+    with pytest.raises(XrayError, match='not a run folder'): evaluate(tmp_path)
+    with pytest.raises(XrayError, match='unknown split'): evaluate(tiny_run, split='holdout')
+    with pytest.raises(XrayError, match='target-recall'): evaluate(tiny_run, target_recall=1.5)
