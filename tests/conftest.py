@@ -33,12 +33,14 @@ def cli_env(shared_data) -> dict:
     "Environment for CLI subprocesses: no XRAY_FASTAI_* or proxy settings, the dataset cache is `shared_data`."
     env = {k: v for k, v in os.environ.items() if not k.startswith('XRAY_FASTAI_') and k not in _PROXY_VARS}
     return {**env, 'XRAY_FASTAI_DATA': str(shared_data), 'NO_PROXY': '127.0.0.1,localhost',
-            'no_proxy': '127.0.0.1,localhost', 'COLUMNS': '200'}
+            'no_proxy': '127.0.0.1,localhost', 'COLUMNS': '200',
+            # several CLI processes overlap on a 2-core machine: one thread each, or OpenMP threads thrash
+            'OMP_NUM_THREADS': '1'}
 
 
 class CliProcess:
     "`python -m xray_fastai.cli ARGS...` started in the background; `result()` waits for it."
-    def __init__(self, args, env:dict, timeout:float=180):
+    def __init__(self, args, env:dict, timeout:float=600):
         self.timeout = timeout
         self.proc = subprocess.Popen([sys.executable, '-m', 'xray_fastai.cli', *map(str, args)], cwd=REPO, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
