@@ -1,5 +1,5 @@
 "Shared fixtures: the project's test data in ../shared/data, a clean environment, and running the real CLI."
-import os, subprocess, sys
+import os, shutil, subprocess, sys
 from pathlib import Path
 
 import numpy as np
@@ -83,3 +83,11 @@ def mini_npz(shared_data, tmp_path_factory):
     path = tmp_path_factory.mktemp('data')/'mini_pneumoniamnist.npz'
     np.savez(path, **out)
     return path
+
+
+def copy_class_folders(shared_data:Path, root:Path, n:int) -> Path:
+    "A folder-per-class dataset in `root`: the first `n` real 224 px Kermany images of each class."
+    for cls in ('NORMAL', 'PNEUMONIA'):
+        (root/cls).mkdir(parents=True)
+        for f in sorted((shared_data/'chest_xray_224'/'train'/cls).glob('*.jpeg'))[:n]: shutil.copy(f, root/cls)
+    return root

@@ -5,6 +5,7 @@ import numpy as np, pandas as pd, pytest, torch
 from PIL import Image
 from xray_fastai.core import XrayError, atomic_path, load_json, save_json
 from xray_fastai.data import load_source, open_xray
+from conftest import copy_class_folders
 
 def _errline(r):
     lines = [l for l in r.stderr.splitlines() if l.startswith('error: ')]
@@ -14,10 +15,7 @@ def _errline(r):
 @pytest.fixture(scope='module')
 def messy(shared_data, tmp_path_factory) -> Path:
     "A folder-per-class dataset of real X-rays plus every kind of broken and unusual file a hospital export holds."
-    root = tmp_path_factory.mktemp('messy')
-    for cls in ('NORMAL', 'PNEUMONIA'):
-        (root/cls).mkdir()
-        for f in sorted((shared_data/'chest_xray_224'/'train'/cls).glob('*.jpeg'))[:20]: shutil.copy(f, root/cls/f.name)
+    root = copy_class_folders(shared_data, tmp_path_factory.mktemp('messy'), 20)
     real = sorted((root/'NORMAL').glob('*.jpeg'))[0]
     grey = np.asarray(Image.open(real).convert('L'))
     bad = root/'PNEUMONIA'
