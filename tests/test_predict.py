@@ -96,12 +96,12 @@ def test_draft_decoding_is_close(run, fullres):
 
 def test_validation_settings(run, tmp_path):
     meta = load_json(run/'model.json')
-    assert validation_settings(meta, run) == dict(aug=True, aug_kwargs={}, draft=False)  # from config.json
+    assert validation_settings(meta, run) == dict(aug=True, aug_kwargs={}, draft=False)
     assert validation_settings({**meta, 'aug': False, 'aug_kwargs': {'max_rotate': 5}, 'draft': True}, run) == \
-        dict(aug=False, aug_kwargs={'max_rotate': 5}, draft=True)  # model.json wins
+        dict(aug=False, aug_kwargs={'max_rotate': 5}, draft=True)  # model.json says
+    old = {k: v for k, v in meta.items() if k not in ('aug', 'aug_kwargs', 'draft')}  # a model.json that does not say
     save_json({**load_json(run/'config.json'), 'cache': True}, tmp_path/'cached'/'config.json')
-    assert validation_settings(meta, tmp_path/'cached')['draft']  # trained through the presize cache
-    old = {k: v for k, v in meta.items() if k not in ('aug', 'aug_kwargs')}  # a model.json that does not say
+    assert validation_settings(old, tmp_path/'cached')['draft']  # config.json: trained through the presize cache
     assert validation_settings(old, tmp_path)['aug']  # no config.json: presize 74 != size 64 means augmentation
     assert not validation_settings({**old, 'presize': 64}, tmp_path)['aug']
 
