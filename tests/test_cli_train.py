@@ -1,5 +1,5 @@
 "`xray-fastai train` and `lr-find` through the real command line: run folders, offline errors, bad options."
-import json, os
+import json
 import pandas as pd, pytest
 
 def _one_line_error(r, *words):

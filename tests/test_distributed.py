@@ -1,6 +1,6 @@
 "Distributed training on 2 CPU processes (gloo): `train --distributed 2` and plain torchrun, exact validation, rank 0 writes."
 import json, subprocess, sys
-import numpy as np, pandas as pd, pytest
+import numpy as np, pandas as pd
 from conftest import REPO
 
 def _odd_valid_npz(mini_npz, path):

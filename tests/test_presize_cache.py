@@ -60,9 +60,9 @@ def test_touched_or_changed_file_rebuilds(fullres, tmp_path):
     cache = tmp_path/'cache'
     _dls(fullres, cache)
     (first,) = cache.glob('*.npy')
-    _dls(fullres, cache)
-    assert list(cache.glob('*.npy')) == [first]  # nothing changed: reused, not rebuilt
     mtime = first.stat().st_mtime_ns
+    _dls(fullres, cache)
+    assert list(cache.glob('*.npy')) == [first] and first.stat().st_mtime_ns == mtime  # nothing changed: reused
 
     f = sorted((fullres/'train'/'NORMAL').glob('*.jpeg'))[0]
     st = f.stat()

@@ -1,9 +1,9 @@
 "Reliability: messy inputs, interrupted runs, atomic files, safe loading — through the CLI where a user would meet them."
-import os, signal, shutil, subprocess, sys, time
+import signal, shutil, subprocess, sys, time
 from pathlib import Path
 import numpy as np, pandas as pd, pytest, torch
 from PIL import Image
-from xray_fastai.core import XrayError, atomic_path, load_json, save_json
+from xray_fastai.core import load_json, save_json
 from xray_fastai.data import load_source, open_xray
 from conftest import copy_class_folders
 

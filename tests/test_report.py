@@ -1,8 +1,7 @@
 "Comparison of runs (stability, table, findings, plots) and the experiment grid."
-import json, time
-import numpy as np, pandas as pd, pytest
+import pandas as pd, pytest
 from xray_fastai.core import XrayError, load_json, save_json
-from xray_fastai.report import stability, run_summary, compare, findings, format_compare, experiment
+from xray_fastai.report import stability, compare, format_compare, experiment
 
 PNG = b'\x89PNG\r\n\x1a\n'
 
