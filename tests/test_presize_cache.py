@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from fastai.vision.all import set_seed
+from fastai.vision.all import defaults, set_seed
 
 from xray_fastai.data import load_source, xray_dataloaders, presize_cache, PresizedReader
 
@@ -47,13 +47,13 @@ def test_cached_batches_in_workers(fullres, tmp_path):
     assert torch.equal(a[0], b[0])
 
 
-def test_cached_default_workers(fullres, tmp_path):
-    "Without a GPU a cached source is read in the main process, like an array; uncached files use worker processes."
+def test_default_workers(fullres, tmp_path):
+    "Worker processes feed a GPU; without one every source is read in the main process (workers would compete with the model)."
     src = load_source(fullres)
     cached = xray_dataloaders(src, size=64, bs=8, stats=STATS, cache=tmp_path/'cache')
     plain = xray_dataloaders(src, size=64, bs=8, stats=STATS)
-    assert plain.train.fake_l.num_workers > 0
-    assert cached.train.fake_l.num_workers == (plain.train.fake_l.num_workers if torch.cuda.is_available() else 0)
+    expected = min(defaults.cpus, 8) if torch.cuda.is_available() else 0
+    assert plain.train.fake_l.num_workers == cached.train.fake_l.num_workers == expected
 
 
 def test_touched_or_changed_file_rebuilds(fullres, tmp_path):
