@@ -1,7 +1,8 @@
 "Evaluation: metrics from a confusion matrix, the threshold for a target recall, and `evaluate` on a tiny trained run."
+import json
 import numpy as np, pandas as pd, pytest, torch
 from xray_fastai.core import XrayError, load_json
-from xray_fastai.evaluate import binary_metrics, threshold_for_recall, evaluate, eval_dir, format_eval, decide
+from xray_fastai.evaluate import binary_metrics, threshold_for_recall, evaluate, eval_dir, format_eval, decide, ensemble
 from xray_fastai.learner import train, load_model_dir
 
 PNG = b'\x89PNG\r\n\x1a\n'
@@ -131,3 +132,39 @@ def test_evaluate_user_errors(tiny_run, shared_data, tmp_path):
     with pytest.raises(XrayError, match='not a run folder'): evaluate(tmp_path)
     with pytest.raises(XrayError, match='unknown split'): evaluate(tiny_run, split='holdout')
     with pytest.raises(XrayError, match='target-recall'): evaluate(tiny_run, target_recall=1.5)
+
+
+@pytest.mark.slow
+def test_ensemble_cli(tiny_run, mini_npz, run_cli, tmp_path):
+    second = train(out=tmp_path/'seed1', source=str(mini_npz), verify=False, pretrained=False, arch='resnet34',
+                   frozen=True, aug=False, epochs=1, lr=1e-2, bs=64, seed=1)
+    out = tmp_path/'ens'
+    r = run_cli('ensemble', tiny_run, second, '--out', out)
+    assert r.returncode == 0, r.stderr
+    assert 'ensemble of 2' in r.stdout and f'written: {out}' in r.stderr
+    m, preds = load_json(out/'metrics.json'), pd.read_csv(out/'preds.csv')
+    assert m['members'] == [str(tiny_run), str(second)] and m['n'] == 128
+    # the ensemble's probability is the members' mean, and each member's is what `evaluate` gives it alone
+    np.testing.assert_allclose(preds.prob, (preds.prob_0 + preds.prob_1) / 2, atol=1e-6)
+    evaluate(second)
+    np.testing.assert_allclose(preds.prob_1, pd.read_csv(eval_dir(second)/"preds.csv").prob, atol=1e-6)
+    assert binary_metrics(preds.prob, preds.target, m['chosen']['threshold']) == \
+        {k: v for k, v in m['chosen'].items() if k != 'valid_recall'}
+    assert (out/'roc.png').read_bytes()[:8] == PNG and not (out/'top_losses.png').exists()
+    # running it again replaces its own output; a folder it did not write is never written into
+    assert run_cli('ensemble', tiny_run, second, '--out', out).returncode == 0
+    r = run_cli('ensemble', tiny_run, second, '--out', tiny_run)
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {tiny_run} exists and is not an ensemble's output: choose another --out"
+    r = run_cli('ensemble', tiny_run, '--out', tmp_path/'one')
+    assert r.returncode == 2 and 'at least two run folders' in r.stderr and not (tmp_path/'one').exists()
+
+
+@pytest.mark.slow
+def test_ensemble_needs_the_same_validation_split(tiny_run, tmp_path):
+    other = tmp_path/'other'
+    other.mkdir()
+    for f in ('config.json', 'model.safetensors'): (other/f).write_bytes((tiny_run/f).read_bytes())
+    c = load_json(other/'config.json')
+    (other/'config.json').write_text(json.dumps({**c, 'valid_origin': 'carved from train (stratified, 1/5, seed 7)'}))
+    with pytest.raises(XrayError, match='validated on the same split'): ensemble([tiny_run, other], tmp_path/'ens')
+    assert not (tmp_path/'ens').exists()
