@@ -21,6 +21,23 @@ def test_train_frozen_cli(run_cli, mini_npz, tmp_path):
     assert (cfg['arch'], cfg['frozen'], cfg['pretrained'], cfg['epochs']) == ('resnet34', True, False, 2)
     assert len(hist) == 2 and hist.accuracy.between(0, 1).all()
 
+def test_train_recipe_cli(run_cli, mini_npz, tmp_path):
+    from xray_fastai.learner import RECIPES
+    out, recipe = tmp_path/'run', RECIPES['pneumoniamnist']
+    # the options given override the recipe; the others are the recipe's, not the CLI's defaults
+    r = run_cli('train', '--recipe', 'pneumoniamnist', '--data', mini_npz, '--epochs', '1', '--aug-param', 'max_rotate=3',
+                '--no-verify', '--out', out)
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((out/'config.json').read_text())
+    assert (cfg['recipe'], cfg['source'], cfg['epochs'], cfg['verify']) == ('pneumoniamnist', str(mini_npz), 1, False)
+    for k in ('arch', 'bs', 'lr', 'pretrained'): assert cfg[k] == recipe[k], k
+    assert (cfg['arch'], cfg['bs']) != ('resnet34', 64)  # not the CLI's defaults
+    assert cfg['aug_kwargs'] == {**recipe.get('aug_kwargs', {}), 'max_rotate': 3.0}
+    assert len(pd.read_csv(out/'history.csv')) == 1
+    _one_line_error(run_cli('train', '--recipe', 'kermany', '--out', tmp_path/'k'), 'recipe kermany', '--source FOLDER')
+    _one_line_error(run_cli('train', '--recipe', 'cifar', '--out', tmp_path/'c'), "unknown recipe 'cifar'", 'pneumoniamnist')
+    assert not (tmp_path/'k').exists() and not (tmp_path/'c').exists()
+
 def test_offline_pretrained_is_one_line_and_leaves_no_run(run_cli, mini_npz, tmp_path):
     env = {'TORCH_HOME': str(tmp_path/'torch'), 'HF_HUB_OFFLINE': '1'}  # an empty weights cache
     r = run_cli('train', '--data', mini_npz, '--arch', 'resnet34', '--epochs', '1', '--out', tmp_path/'run', env=env)
@@ -37,6 +54,7 @@ def test_offline_pretrained_is_one_line_and_leaves_no_run(run_cli, mini_npz, tmp
     (['--arch', 'resnet35x'], ["unknown architecture 'resnet35x'", 'resnet34', 'mobilenet_v2']),
     (['--frozen', '--freeze-epochs', '1'], ['--freeze-epochs is for fine-tuning']),
     (['--aug-param', 'max_spin=3'], ["unknown augmentation setting(s) ['max_spin']"]),
+    (['--frozen', '--no-aug', '--mixup', '0.4'], ['--mixup mixes images']),
 ])
 def test_bad_train_options(start_cli, mini_npz, tmp_path, args, words):
     r = start_cli('train', '--data', mini_npz, '--no-pretrained', '--out', tmp_path/'run', *args).result()
