@@ -136,14 +136,15 @@ def test_evaluate_user_errors(tiny_run, shared_data, tmp_path):
 
 @pytest.mark.slow
 def test_ensemble_cli(tiny_run, mini_npz, run_cli, tmp_path):
-    second = train(out=tmp_path/'seed1', source=str(mini_npz), verify=False, pretrained=False, arch='resnet34',
-                   frozen=True, aug=False, epochs=1, lr=1e-2, bs=64, seed=1)
+    # another backbone at another input size: each member predicts through its own pipeline
+    second = train(out=tmp_path/'seed1', source=str(mini_npz), verify=False, pretrained=False, arch='resnet18',
+                   size=32, frozen=True, aug=False, epochs=1, lr=1e-2, bs=64, seed=1)
     out = tmp_path/'ens'
     r = run_cli('ensemble', tiny_run, second, '--out', out)
     assert r.returncode == 0, r.stderr
     assert 'ensemble of 2' in r.stdout and f'written: {out}' in r.stderr
     m, preds = load_json(out/'metrics.json'), pd.read_csv(out/'preds.csv')
-    assert m['members'] == [str(tiny_run), str(second)] and m['n'] == 128
+    assert m['members'] == [str(tiny_run), str(second)] and m['n'] == 128 and m['arch'] == 'resnet34+resnet18'
     # the ensemble's probability is the members' mean, and each member's is what `evaluate` gives it alone
     np.testing.assert_allclose(preds.prob, (preds.prob_0 + preds.prob_1) / 2, atol=1e-6)
     evaluate(second)
