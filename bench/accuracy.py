@@ -1,14 +1,14 @@
 """Test-split accuracy of a training recipe, over several seeds: train, evaluate once on the test split, report mean ± std.
 
     python bench/accuracy.py                                   # recipe pneumoniamnist, seeds 0 1 2, + their ensemble
-    python bench/accuracy.py --seeds 0 --epochs 1 --no-record  # smoke run (about a minute)
+    python bench/accuracy.py --seeds 0 --epochs 1 --no-record  # smoke run
 
 Every choice in a recipe is made on the validation split (bench/ACCURACY.md); this script is the one place that looks
 at the test split. It trains from scratch (the recipe's pretrained=False) on the project's copy of PneumoniaMNIST in
 ../shared/data, evaluates each run at threshold 0.5 and at the validation-chosen threshold, and appends the table to
 bench/ACCURACY.md unless given --no-record."""
 from __future__ import annotations
-import argparse, datetime, os, statistics, sys, time, warnings
+import argparse, datetime, os, statistics, sys, warnings
 from pathlib import Path
 
 warnings.filterwarnings('ignore', category=FutureWarning)
@@ -19,8 +19,8 @@ sys.path.insert(0, str(REPO/'bench'))
 from throughput import machine
 
 
-def _row(name, wall, m, v):
-    d, ch = m['default'], m['chosen']
+def _row(name, wall, m):
+    v, d, ch = m['valid'], m['default'], m['chosen']
     return (f"| {name} | {wall:.0f} s | {v['accuracy']:.4f} | {v['roc_auc']:.4f} | {d['accuracy']:.4f} | {d['roc_auc']:.4f} "
             f"| {d['precision']:.4f} | {d['recall']:.4f} | {d['f1']:.4f} | {ch['threshold']:.3g}: {ch['accuracy']:.4f} |")
 
@@ -55,9 +55,8 @@ def main(argv=None):
     for seed in a.seeds:
         run = runs/f"{a.recipe}-seed{seed}"
         if not (run/'model.safetensors').is_file(): train(out=run, recipe=a.recipe, seed=seed, **over)
-        m, v = evaluate(run, tta=a.tta), evaluate(run, split='valid', tta=a.tta)['default']
-        wall = load_json(run/'metrics.json')['wall_seconds']
-        rows.append(_row(f"seed {seed}", wall, m, v)); test.append(m['default']); walls.append(wall); done.append(run)
+        m, wall = evaluate(run, tta=a.tta), load_json(run/'metrics.json')['wall_seconds']
+        rows.append(_row(f"seed {seed}", wall, m)); test.append(m['default']); walls.append(wall); done.append(run)
         print(rows[-1], flush=True)
     summary = (f"| **mean ± std ({len(test)} seeds)** | {statistics.mean(walls):.0f} s | | | "
                f"**{_mean_std([t['accuracy'] for t in test])}** | **{_mean_std([t['roc_auc'] for t in test])}** | "
@@ -65,9 +64,7 @@ def main(argv=None):
                f"{_mean_std([t['f1'] for t in test])} | |")
     rows.append(summary)
     if len(done) > 1 and not a.no_ensemble:
-        e = ensemble(done, runs/'ensemble', tta=a.tta)
-        ev = ensemble(done, runs/'ensemble-valid', split='valid', tta=a.tta)['default']
-        rows.append(_row(f"ensemble of the {len(done)} runs", sum(walls), e, ev))
+        rows.append(_row(f"ensemble of the {len(done)} runs", sum(walls), ensemble(done, runs/'ensemble', tta=a.tta)))
     settings = {**RECIPES[a.recipe], **{k: v for k, v in over.items() if k == 'epochs'}}
     cmd = 'python bench/accuracy.py' + ''.join(f' {o}' for o in (argv if argv is not None else sys.argv[1:]))
     table = '\n'.join([

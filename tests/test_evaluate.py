@@ -103,6 +103,7 @@ def test_threshold_is_chosen_on_validation(tiny_run):
     v, t = evaluate(tiny_run, split='valid'), load_json(eval_dir(tiny_run)/'metrics.json')
     thr = v['chosen']['threshold']
     assert t['chosen']['threshold'] == thr  # the test evaluation used the validation split's threshold
+    assert t['valid'] == v['valid'] == v['default']  # ... and reports the validation metrics it computed for it
     preds = pd.read_csv(eval_dir(tiny_run, 'valid')/'preds.csv')
     assert binary_metrics(preds.prob, preds.target, thr)['recall'] >= 0.95
     assert binary_metrics(preds.prob, preds.target, np.nextafter(thr, 1))['recall'] < 0.95
