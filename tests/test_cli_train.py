@@ -54,6 +54,7 @@ def test_offline_pretrained_is_one_line_and_leaves_no_run(run_cli, mini_npz, tmp
     (['--arch', 'resnet35x'], ["unknown architecture 'resnet35x'", 'resnet34', 'mobilenet_v2']),
     (['--frozen', '--freeze-epochs', '1'], ['--freeze-epochs is for fine-tuning']),
     (['--aug-param', 'max_spin=3'], ["unknown augmentation setting(s) ['max_spin']"]),
+    (['--aug-param', 'size=64'], ["unknown augmentation setting(s) ['size']", 'the input size is --size']),
     (['--frozen', '--no-aug', '--mixup', '0.4'], ['--mixup mixes images']),
 ])
 def test_bad_train_options(start_cli, mini_npz, tmp_path, args, words):

@@ -167,8 +167,14 @@ def test_gradcam_overlays_have_image_size(run, fullres, tmp_path):
     np.testing.assert_allclose(df.p_pneumonia, predict(run, files).p_pneumonia, atol=1e-5)
     with pytest.raises(XrayError, match='not empty'): predict(run, files, gradcam=tmp_path/'cam')
     # overlays written inside a predicted folder are not predicted the next time
+    (tmp_path/'cam'/'notes.txt').write_text('mine')
     again = predict(run, tmp_path, gradcam=tmp_path/'cam', overwrite=True)
-    assert sorted(again.path) == sorted(map(str, files[:2])) and len(list((tmp_path/'cam').iterdir())) == 3
+    assert sorted(again.path) == sorted(map(str, files[:2]))
+    # --overwrite replaced the earlier overlays (3, now 2) and left the user's file alone
+    assert sorted(f.name for f in (tmp_path/'cam').iterdir()) == sorted([*map(lambda p: Path(p).name, again.gradcam), 'notes.txt'])
+    with pytest.raises(XrayError, match='is a file'): predict(run, files, gradcam=tmp_path/'cam'/'notes.txt')
+    with pytest.raises(XrayError, match='does not exist'): predict(tmp_path/'no-run', files, gradcam=tmp_path/'cam2')
+    assert not (tmp_path/'cam2').exists()  # nothing made for a prediction that never started
 
 def test_grad_cam_is_grad_cam(run, fullres):
     "On the run's resnet34, the hook-based maps equal Grad-CAM computed by hand, and do not depend on the batch."
@@ -272,6 +278,15 @@ class Payload:
     "Unpickling this creates the folder `marker`: proof that a file was unpickled."
     def __init__(self, marker): self.marker = str(marker)
     def __reduce__(self): return (os.mkdir, (self.marker,))
+
+def test_only_the_exported_model_file(run, fullres, tmp_path):
+    "Another .safetensors beside model.json is refused, never swapped for the folder's model.safetensors."
+    other = Path(shutil.copytree(run, tmp_path/'r', ignore=shutil.ignore_patterns('*.pth')))/'older.safetensors'
+    other.write_bytes(b'')
+    with pytest.raises(XrayError, match='older.safetensors is not the model'): predict(other, fullres[:1])
+    from xray_fastai.learner import load_model_dir
+    with pytest.raises(XrayError, match='no deployable model'): load_model_dir(other)
+
 
 def test_pickles_and_garbage_are_refused(run, fullres, tmp_path):
     probe = tmp_path/'probe'

@@ -92,12 +92,41 @@ def test_compare_errors(fake_runs, tmp_path):
     with pytest.raises(XrayError, match='at least one'): compare([])
 
 
+def test_compare_split_names_and_out(fake_runs, tmp_path):
+    assert compare(fake_runs, split='val')['split'] == 'valid'  # as `evaluate` names it (its folders: eval-valid/)
+    with pytest.raises(XrayError, match='unknown split'): compare(fake_runs, split='tst')
+    mine = tmp_path/'mine'
+    mine.mkdir(); (mine/'report.md').write_text('my notes')
+    with pytest.raises(XrayError, match='holds no earlier report'): compare(fake_runs, out=mine)
+    assert (mine/'report.md').read_text() == 'my notes' and len(list(mine.iterdir())) == 1
+    with pytest.raises(XrayError, match='is a file'): compare(fake_runs, out=mine/'report.md')
+    out = tmp_path/'cmp'
+    assert 'roc' in compare(fake_runs, out=out)['files']
+    again = compare(fake_runs[2:], out=out)  # an earlier comparison is replaced, its ROC too (c is not evaluated)
+    assert 'roc' not in again['files'] and not (out/'roc.png').exists()
+    assert list(pd.read_csv(out/'comparison.csv').run) == ['c']
+
+
 def test_experiment_checks_before_training(tmp_path):
     with pytest.raises(XrayError, match='modes are frozen and finetune'):
         experiment('x.npz', 'resnet34', 'frozen,scratch', out=tmp_path/'e')
     with pytest.raises(XrayError, match='unknown architecture'):
         experiment('x.npz', 'resnet34,nonet', 'frozen', out=tmp_path/'e', pretrained=False)
     assert not (tmp_path/'e').exists()
+
+
+def test_experiment_checks_split_and_recall_before_training(shared_data, tmp_path):
+    kw = dict(out=tmp_path/'e', pretrained=False, verify=False)
+    fullres = shared_data/'chest_xray_fullres_sample'  # a train folder only: no test split
+    with pytest.raises(XrayError, match='has no test split'): experiment(fullres, 'resnet18', 'frozen', **kw)
+    npz = shared_data/'pneumoniamnist.npz'
+    with pytest.raises(XrayError, match='target-recall'): experiment(npz, 'resnet18', 'frozen', target_recall=0, **kw)
+    with pytest.raises(XrayError, match='unknown split'): experiment(npz, 'resnet18', 'frozen', split='tst', **kw)
+    assert not (tmp_path/'e').exists()  # nothing trained, nothing written
+    mine = tmp_path/'mine'
+    mine.mkdir(); (mine/'notes.txt').write_text('mine')
+    with pytest.raises(XrayError, match='holds no earlier report'): experiment(npz, 'resnet18', 'frozen', out=mine)
+    assert [f.name for f in mine.iterdir()] == ['notes.txt']
 
 
 @pytest.mark.slow

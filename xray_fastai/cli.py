@@ -333,12 +333,12 @@ def evaluate_cmd(run_dir:RunDirArg, source:EvalSourceOpt=None, split:SplitOpt='t
                  as_json:JsonOpt=False):
     """Evaluate a run on a held-out split, at threshold 0.5 and at a threshold chosen on the validation split.
 
-    Writes RUN_DIR/eval-SPLIT/ (eval-SPLIT-tta/ with --tta): metrics.json, preds.csv, confusion matrices,
-    the top losses, the ROC curve and the classification report."""
-    from xray_fastai.evaluate import evaluate, eval_dir, format_eval
+    Writes RUN_DIR/eval-SPLIT/ (eval-SPLIT-tta/ with --tta; eval-SPLIT-on-NAME-HASH/ for another --source):
+    metrics.json, preds.csv, confusion matrices, the top losses, the ROC curve and the classification report."""
+    from xray_fastai.evaluate import evaluate, format_eval
     m = evaluate(run_dir, source=source, split=split, target_recall=target_recall, tta=tta, data_dir=data_dir)
     typer.echo(json.dumps(m, indent=2) if as_json else format_eval(m))
-    typer.echo(f"written: {eval_dir(run_dir, m['split'], tta)}", err=True)
+    typer.echo(f"written: {m['folder']}", err=True)
 
 # %% ../nbs/07_cli.ipynb #44dd6fbd
 @app.command('ensemble', no_args_is_help=True, epilog=examples(
@@ -429,10 +429,12 @@ def predict_cmd(model:ModelArg, paths:PredictPathsArg, out:PredsOutOpt=Path('pre
     Images are preprocessed exactly as the run's validation set. Unreadable files are listed in the CSV with an error instead of a prediction (and counted on stderr); they never stop the run."""
     from xray_fastai.predict import predict
     df = predict(model, paths, bs=bs, gradcam=gradcam, out=out, overwrite=overwrite, draft=fast_decode or None)
-    bad = df[df.error != '']
+    bad, no_cam = df[df.label == ''], df[(df.label != '') & (df.error != '')]  # the latter: predicted, overlay failed
     typer.echo(f"{out}: {len(df) - len(bad)} of {len(df)} images predicted" +
                (f", {len(bad)} unreadable (see its error column), e.g. {bad.path.iloc[0]}: {bad.error.iloc[0]}"
-                if len(bad) else '') + (f"; Grad-CAM overlays in {gradcam}" if gradcam else ''), err=True)
+                if len(bad) else '') + (f"; Grad-CAM overlays in {gradcam}" if gradcam else '') +
+               (f" ({len(no_cam)} failed, e.g. {no_cam.path.iloc[0]}: {no_cam.error.iloc[0]})" if len(no_cam) else ''),
+               err=True)
 
 # %% ../nbs/07_cli.ipynb #49048a96
 if __name__ == '__main__': main()

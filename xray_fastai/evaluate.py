@@ -6,7 +6,7 @@ Docs: https://xray-fastai.github.io/xray-fastai/evaluate.html.md"""
 
 # %% ../nbs/04_evaluate.ipynb #ef4606bb
 from __future__ import annotations
-import time
+import hashlib, re, time
 from pathlib import Path
 
 import numpy as np, pandas as pd, torch
@@ -178,9 +178,21 @@ def _interp_figures(interp:PredsInterpretation, out:Path, thresholds:dict, k:int
     save_fig(fig, out/'top_losses.png')
 
 # %% ../nbs/04_evaluate.ipynb #1eae8b98
-def eval_dir(run_dir, split:str='test', tta:bool=False) -> Path:
+def _same_source(a, b) -> bool:
+    "Whether sources `a` and `b` (names or paths) are the same."
+    a, b = Path(str(a)).expanduser(), Path(str(b)).expanduser()
+    return a == b or (a.exists() and b.exists() and a.resolve() == b.resolve())
+
+def eval_dir(run_dir, split:str='test', tta:bool=False,
+             source=None, # another source than the run's: its evaluations get a folder of their own
+            ) -> Path:
     "Where `evaluate` writes the evaluation of `run_dir` on `split`."
-    return Path(run_dir)/f"eval-{split}{'-tta' if tta else ''}"
+    on = ''
+    if source is not None:  # the name says which data; the hash of its full path keeps two `test.csv`s apart
+        s = str(Path(str(source)).expanduser().resolve()) if Path(str(source)).expanduser().exists() else str(source)
+        name = re.sub(r'[^\w.-]+', '_', Path(s).name or s)
+        on = f"-on-{name}-{hashlib.md5(s.encode()).hexdigest()[:6]}"
+    return Path(run_dir)/f"eval-{split}{on}{'-tta' if tta else ''}"
 
 def _items_col(dl) -> list:
     items = dl.items
@@ -245,7 +257,7 @@ def _write_eval(res:dict, out:Path, learn:Learner, dl, preds:tuple, thr:float, c
                      f"threshold {thr:.3g}": (1 - ch['specificity'], ch['recall'])})
     res['seconds'] = round(time.perf_counter() - t0, 2)
     save_json(res, out/'metrics.json')
-    return res
+    return {**res, 'folder': str(out)}
 
 # %% ../nbs/04_evaluate.ipynb #8e5cf9c9
 def evaluate(run_dir, # a run folder written by `train`
@@ -264,7 +276,8 @@ def evaluate(run_dir, # a run folder written by `train`
     res, thr = _eval_result(c, run_dir.name, c['arch'], mode, source, split, tta, target_recall, valid, preds)
     pos = c['classes'].index(c['positive'])
     curves = {f"{c['arch']} {mode}": (preds[0][:, pos], preds[1] == pos)}
-    return _write_eval(res, eval_dir(run_dir, split, tta), learn, dl, preds, thr, curves, t0)
+    other = None if source is None or _same_source(source, c['source']) else source
+    return _write_eval(res, eval_dir(run_dir, split, tta, other), learn, dl, preds, thr, curves, t0)
 
 # %% ../nbs/04_evaluate.ipynb #30619bc1
 def ensemble(run_dirs:list, # run folders written by `train`, validated on the same split

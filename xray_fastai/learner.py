@@ -239,7 +239,7 @@ def export_model(learn:Learner, path, config:dict):
 def load_model_dir(path) -> tuple:
     "Rebuild the model saved by `export_model` in `path` (a run folder or a `model.safetensors`): `(model, meta)`."
     path = Path(path)
-    folder = path.parent if path.suffix == '.safetensors' else path
+    folder = path.parent if path.name == 'model.safetensors' else path  # another .safetensors is not this folder's model
     check((folder/'model.json').exists() and (folder/'model.safetensors').exists(),
           f"{folder} holds no deployable model (model.safetensors + model.json); give a run folder")
     meta = load_json(folder/'model.json')
@@ -396,8 +396,9 @@ def train_config(source='pneumoniamnist', # `pneumoniamnist[:size]`, an .npz, a 
         except ValueError: raise XrayError(f"--lr must be a number or 'auto', got {c['lr']!r}") from None
     if c['lr_mult'] is None: c['lr_mult'] = 1. if scratch else 100.
     c['aug_kwargs'] = dict(aug_kwargs or {})
-    unknown = set(c['aug_kwargs']) - set(inspect.signature(aug_transforms).parameters) - {'size'}
-    check(not unknown, f"unknown augmentation setting(s) {sorted(unknown)}: use aug_transforms arguments, e.g. max_rotate")
+    unknown = set(c['aug_kwargs']) - (set(inspect.signature(aug_transforms).parameters) - {'size'})
+    check(not unknown, f"unknown augmentation setting(s) {sorted(unknown)}: use aug_transforms arguments, e.g. max_rotate "
+          "(the input size is --size)")
     if c['cached_features'] is None: c['cached_features'] = frozen and not aug
     check(not c['cached_features'] or (frozen and not aug), "cached features need --frozen and --no-aug")
     _check_options(c)

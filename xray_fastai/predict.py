@@ -6,6 +6,7 @@ Docs: https://xray-fastai.github.io/xray-fastai/predict.html.md"""
 
 # %% ../nbs/06_predict.ipynb #fa16d3a5
 from __future__ import annotations
+import re
 from pathlib import Path
 
 import numpy as np, pandas as pd, torch
@@ -157,6 +158,8 @@ def load_predictor(model_path, # a run folder, or its `model.safetensors`
     if p.is_file():
         check(p.suffix in ('.safetensors', '.json'), f"refusing to load {p}: give a run folder or its "
               "model.safetensors (pickled .pth/.pkl files are never loaded)")
+        check(p.name in ('model.safetensors', 'model.json'), f"{p.name} is not the model `train` exported: give its run "
+              "folder, or the model.safetensors in it")
         p = p.parent
     try:
         if (p/'model.json').exists():
@@ -241,13 +244,17 @@ def predict(model_path, # a run folder, or its `model.safetensors`
     if out: _check_out(out, overwrite)
     if gradcam:
         gradcam = Path(gradcam)
+        check(not gradcam.is_file(), f"--gradcam {gradcam} is a file: give a folder")
         check(overwrite or not (gradcam.is_dir() and any(gradcam.iterdir())),
               f"Grad-CAM folder {gradcam} is not empty: use --overwrite, or another folder")
-        gradcam.mkdir(parents=True, exist_ok=True)
     files = image_paths(paths)
     if gradcam: files = files.filter(lambda f: gradcam.resolve() not in Path(f).resolve().parents)  # earlier overlays
     check(files, f"no images to predict outside the Grad-CAM folder {gradcam}")
     model, meta = load_predictor(model_path)
+    if gradcam:  # only now that the images and the model are fine
+        gradcam.mkdir(parents=True, exist_ok=True)
+        for f in gradcam.glob('*.png'):  # --overwrite: an earlier prediction's overlays go, nothing else
+            if re.fullmatch(r'\d+-.+\.png', f.name): f.unlink()
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     cuda = device.type == 'cuda'
     model = model.to(device).eval().requires_grad_(False)

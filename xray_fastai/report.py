@@ -13,7 +13,7 @@ import numpy as np, pandas as pd
 from fastcore.all import *
 from .core import *
 from .learner import train, resume, train_config
-from .evaluate import evaluate, eval_dir, plot_roc
+from .evaluate import evaluate, eval_dir, plot_roc, _checked_source, _split_name
 
 # %% auto #0
 __all__ = ['MODES', 'stability', 'run_summary', 'table_columns', 'markdown_table', 'findings', 'plot_curves', 'compare',
@@ -182,13 +182,20 @@ def _report_md(res:dict, out:Path) -> str:
     return '\n'.join(lines)
 
 # %% ../nbs/05_report.ipynb #9433b5db
+def _check_report_dir(out:Path, *marks:str):
+    "`out` is new, empty, or holds an earlier report (one of the files `marks`): nothing else gets overwritten."
+    check(not out.is_file(), f"--out {out} is a file: give a folder")
+    check(not out.exists() or not any(out.iterdir()) or any((out/m).is_file() for m in marks),
+          f"{out} is not empty and holds no earlier report: choose another --out")
+
 def compare(run_dirs:list, # finished run folders
             out=None, # write the report files here
             split:str='test', # whose evaluations to compare
            ) -> dict:
     "Compare runs side by side: rows, findings, Markdown table and, with `out`, the report files."
-    runs = [Path(r) for r in run_dirs]
+    runs, split = [Path(r) for r in run_dirs], _split_name(split)
     check(runs, "give at least one run folder to compare")
+    if out is not None: _check_report_dir(Path(out), 'comparison.json', 'experiment.json')
     check(len({r.resolve() for r in runs}) == len(runs), "the same run folder is given twice")
     rows = [run_summary(r, split) for r in runs]
     for r, name in zip(rows, _names(runs)): r['run'] = name
@@ -207,6 +214,7 @@ def compare(run_dirs:list, # finished run folders
             d = pd.read_csv(f)
             curves[r['run']] = (d.prob.values, d.target.values)
     if curves: files['roc'] = plot_roc(curves, out/'roc.png', title=f"ROC, {split} split")
+    else: (out/'roc.png').unlink(missing_ok=True)  # an earlier comparison's, of other runs
     files['report'] = out/'report.md'
     atomic_write_text(files['report'], _report_md(res, out))
     res['files'] = {k: str(v) for k, v in files.items()}
@@ -256,7 +264,8 @@ def experiment(source='pneumoniamnist', # `pneumoniamnist[:size]`, an .npz, a fo
                **train_kwargs # more `train` options, the same for every run (e.g. `pretrained=False`, `bs`)
               ) -> dict:
     "Train, evaluate and compare every architecture in every mode; the report goes to `out/report.md`."
-    archs, modes, out = _names_list(archs), _names_list(modes), Path(out)
+    archs, modes, out, split = _names_list(archs), _names_list(modes), Path(out), _split_name(split)
+    _check_report_dir(out, 'experiment.json')
     check(archs, "give at least one architecture")
     check(modes and set(modes) <= set(MODES), f"modes are {' and '.join(MODES)}, got {', '.join(modes) or 'none'}")
     check(len(set(archs)) == len(archs) and len(set(modes)) == len(modes), "an architecture or mode is given twice")
@@ -265,6 +274,7 @@ def experiment(source='pneumoniamnist', # `pneumoniamnist[:size]`, an .npz, a fo
         kw = dict(source=str(source), arch=arch, frozen=mode == 'frozen', epochs=epochs, **train_kwargs)
         run = out/f"{arch.replace('/', '_')}-{mode}"
         plan.append((run, kw, _run_state(run, train_config(**kw))))
+    _checked_source(train_config(**plan[0][1]), split, target_recall)  # before the first run trains, not after
     save_json(dict(source=str(source), archs=archs, modes=modes, epochs=epochs, split=split,
                    target_recall=target_recall, train_kwargs=train_kwargs), out/'experiment.json')
     for i, (run, kw, state) in enumerate(plan, 1):
