@@ -90,6 +90,9 @@ def test_compare_errors(fake_runs, tmp_path):
     with pytest.raises(XrayError, match='not a finished run'): compare([tmp_path])
     with pytest.raises(XrayError, match='twice'): compare([fake_runs[0], fake_runs[0]])
     with pytest.raises(XrayError, match='at least one'): compare([])
+    ev = fake_runs[1]/'eval-test'/'metrics.json'
+    save_json({**load_json(ev), 'target_recall': 0.98}, ev)
+    with pytest.raises(XrayError, match=r'different --target-recall \(0.95, 0.98\)'): compare(fake_runs)
 
 
 def test_compare_split_names_and_out(fake_runs, tmp_path):

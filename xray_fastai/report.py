@@ -198,6 +198,9 @@ def compare(run_dirs:list, # finished run folders
     if out is not None: _check_report_dir(Path(out), 'comparison.json', 'experiment.json')
     check(len({r.resolve() for r in runs}) == len(runs), "the same run folder is given twice")
     rows = [run_summary(r, split) for r in runs]
+    recalls = sorted({r['target_recall'] for r in rows if r['target_recall'] is not None})
+    check(len(recalls) <= 1, f"the runs were evaluated at different --target-recall ({', '.join(map(str, recalls))}): "
+          "evaluate them again at one, so that their chosen thresholds compare")
     for r, name in zip(rows, _names(runs)): r['run'] = name
     res = dict(split=split, rows=rows, findings=findings(rows, split), table=markdown_table(rows, split), files={})
     if out is None: return res
