@@ -189,7 +189,8 @@ def eval_dir(run_dir, split:str='test', tta:bool=False,
     "Where `evaluate` writes the evaluation of `run_dir` on `split`."
     on = ''
     if source is not None:  # the name says which data; the hash of its full path keeps two `test.csv`s apart
-        s = str(Path(str(source)).expanduser().resolve()) if Path(str(source)).expanduser().exists() else str(source)
+        p = Path(str(source)).expanduser()
+        s = str(p.resolve()) if p.exists() else str(source)
         name = re.sub(r'[^\w.-]+', '_', Path(s).name or s)
         on = f"-on-{name}-{hashlib.md5(s.encode()).hexdigest()[:6]}"
     return Path(run_dir)/f"eval-{split}{on}{'-tta' if tta else ''}"
