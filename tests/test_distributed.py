@@ -54,3 +54,17 @@ def test_torchrun_frozen_cached_features_and_resume(cli_env, mini_npz, tmp_path)
     hist = pd.read_csv(out/'history.csv')
     assert list(hist.epoch) == [0, 1] and list(hist.n_valid) == [128, 128]
     assert len(_checksums(ck)) == 1
+
+def test_a_rank_without_validation_items(run_cli, mini_npz, tmp_path):
+    "3 processes, 2 validation images: the third rank validates nothing, and the metrics still cover both images."
+    d = dict(np.load(mini_npz))
+    for sp in ('train', 'val'):  # 10 images in all, 5 per class: the carved validation split (1/5) has 2
+        lab, n = d[f'{sp}_labels'][:, 0], 4 if sp == 'train' else 1
+        keep = np.r_[np.flatnonzero(lab == 0)[:n], np.flatnonzero(lab == 1)[:n]]
+        d[f'{sp}_images'], d[f'{sp}_labels'] = d[f'{sp}_images'][keep], d[f'{sp}_labels'][keep]
+    np.savez(tmp_path/'ten.npz', **d)
+    r = run_cli('train', '--data', tmp_path/'ten.npz', '--arch', 'resnet18', '--no-pretrained', '--epochs', '1',
+                '--bs', '2', '--no-verify', '--out', tmp_path/'ddp', '--distributed', '3')
+    assert r.returncode == 0, r.stderr
+    hist = pd.read_csv(tmp_path/'ddp'/'history.csv')
+    assert list(hist.n_valid) == [2] and hist.accuracy.isin([0, 0.5, 1]).all()

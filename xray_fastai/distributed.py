@@ -154,8 +154,10 @@ class DDPCallback(Callback):
         if not self.training: self.preds.append(self.pred.detach().float()); self.targs.append(self.yb[0].detach())
     def after_validate(self):
         "Accumulate the validation metrics again, once, over the predictions of all ranks."
-        empty = lambda: self.pred.new_empty(0)
-        preds, targs = [gather_shards(torch.cat(o) if o else empty()) for o in (self.preds, self.targs)]
+        # a rank without validation items (more ranks than items) gathers empty tensors of the right shape and dtype
+        dev = next(self.learn.model.parameters()).device
+        empty = torch.empty(0, len(self.dls.vocab), device=dev), torch.empty(0, dtype=torch.long, device=dev)
+        preds, targs = [gather_shards(torch.cat(o) if o else e) for o, e in zip((self.preds, self.targs), empty)]
         self.learn.pred, self.learn.yb, self.learn.n_valid = preds, (targs,), len(targs)
         self.learn.loss = self.loss_func(preds, targs)
         for m in self.recorder._valid_mets: m.reset(); m.accumulate(self.learn)
