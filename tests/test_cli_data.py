@@ -275,3 +275,9 @@ def test_cli_single_class_one_line(real_runs):
 def test_cli_debug_shows_traceback(real_runs):
     r = real_runs['debug'].result()
     assert r.returncode == 2 and 'Traceback' in r.stderr and 'only one class' in r.stderr
+
+
+def test_npz_suffix_in_capitals(shared_data, tmp_path):
+    from xray_fastai.data import load_source
+    shutil.copy(shared_data/'pneumoniamnist.npz', tmp_path/'SCANS.NPZ')  # it was taken for a folder, with a traceback
+    assert load_source(tmp_path/'SCANS.NPZ', verify=False).counts() == load_source(shared_data/'pneumoniamnist.npz', verify=False).counts()

@@ -56,11 +56,22 @@ def test_offline_pretrained_is_one_line_and_leaves_no_run(run_cli, mini_npz, tmp
     (['--aug-param', 'max_spin=3'], ["unknown augmentation setting(s) ['max_spin']"]),
     (['--aug-param', 'size=64'], ["unknown augmentation setting(s) ['size']", 'the input size is --size']),
     (['--frozen', '--no-aug', '--mixup', '0.4'], ['--mixup mixes images']),
+    (['--lr-mult', '0'], ['--lr-mult must be positive, got 0']),
+    (['--sync-bn'], ['--sync-bn is for distributed training']),
 ])
 def test_bad_train_options(start_cli, mini_npz, tmp_path, args, words):
     r = start_cli('train', '--data', mini_npz, '--no-pretrained', '--out', tmp_path/'run', *args).result()
     _one_line_error(r, *words)
     assert not (tmp_path/'run').exists()
+
+def test_resume_takes_no_other_settings(run_cli, mini_npz, tmp_path):
+    r = run_cli('train', '--resume', tmp_path/'run', '--epochs', '9', '--bs', '8', '--data-dir', tmp_path)
+    _one_line_error(r, '--resume continues a run with its own settings: drop --epochs, --bs')
+
+def test_out_is_a_file(run_cli, mini_npz, tmp_path):
+    (tmp_path/'notes.txt').write_text('keep me')
+    _one_line_error(run_cli('train', '--data', mini_npz, '--no-pretrained', '--out', tmp_path/'notes.txt'), 'is a file')
+    assert (tmp_path/'notes.txt').read_text() == 'keep me'
 
 def test_existing_run_folder_is_not_overwritten(run_cli, mini_npz, tmp_path):
     out = tmp_path/'mine'; out.mkdir(); (out/'notes.txt').write_text('keep me')

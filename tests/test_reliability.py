@@ -73,6 +73,7 @@ def test_training_on_messy_folder_skips_bad_files(messy, run_cli, tmp_path):
     ('missing', ['does not exist']),
     ('empty_class', ['holds no images', 'PNEUMONIA']),
     ('one_class', ['only one class']),
+    ('three_classes', ['has 3 classes (COVID, NORMAL, PNEUMONIA)', 'classifies two']),
     ('no_classes', ['no class folders']),
     ('no_train_split', ['has no training images']),
 ])
@@ -84,6 +85,10 @@ def test_structural_problems_are_one_line(shared_data, run_cli, tmp_path, layout
         (root/'NORMAL').mkdir()
         for f in src[:10]: shutil.copy(f, root/'NORMAL')
         if layout == 'empty_class': (root/'PNEUMONIA').mkdir()
+    if layout == 'three_classes':  # it used to train an epoch, then crash in the binary metrics
+        for i, cls in enumerate(('COVID', 'NORMAL', 'PNEUMONIA')):
+            (root/cls).mkdir()
+            for f in src[i*10:(i+1)*10]: shutil.copy(f, root/cls)
     if layout == 'no_train_split':  # val/ and test/ but no train/
         for split, cls, files in (('val', 'NORMAL', src[:10]), ('val', 'PNEUMONIA', src[10:20]), ('test', 'NORMAL', src[20:30])):
             (root/split/cls).mkdir(parents=True, exist_ok=True)

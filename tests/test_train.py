@@ -10,6 +10,20 @@ pytestmark = pytest.mark.slow
 def _kw(mini_npz, **kw):
     return dict(source=str(mini_npz), verify=False, pretrained=False, bs=64, seed=0, **kw)
 
+def test_resume_where_the_data_moved(mini_npz, tmp_path):
+    "A named dataset moved to another --data-dir: `resume` is told where, and the run records it."
+    import json, shutil
+    a = tmp_path/'a'
+    a.mkdir(); shutil.copy(mini_npz, a/'pneumoniamnist.npz')
+    run = train(out=tmp_path/'run', **{**_kw(mini_npz, arch='resnet18', frozen=True, aug=False, epochs=1, lr=1e-2),
+                                       'source': 'pneumoniamnist', 'data_dir': str(a)})
+    cfg = load_json(run/'config.json')
+    (run/'config.json').write_text(json.dumps({**cfg, 'epochs': 2}))  # as a run stopped after its first epoch
+    b = a.rename(tmp_path/'b')
+    resume(run, data_dir=b)
+    assert load_json(run/'config.json')['data_dir'] == str(b)
+    assert list(pd.read_csv(run/'history.csv').epoch) == [0, 1]
+
 def test_frozen_body_is_bit_identical(mini_npz, tmp_path):
     c = train_config(**_kw(mini_npz, arch='resnet34', frozen=True, epochs=1, lr=1e-2))
     learn = _build(c, tmp_path)

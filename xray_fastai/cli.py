@@ -242,13 +242,17 @@ def _without_option(args:list, name:str) -> list:
 # CLI options whose `train` argument has another name or form
 _TRAIN_ARGS = dict(aug_param=('aug_kwargs', _aug_kwargs), no_verify=('verify', operator.not_))
 
+def _given(ctx:typer.Context, name:str) -> bool:
+    "Whether option `name` was given on the command line, rather than left at its default."
+    # by name: typer may bring its own copy of click, with its own `ParameterSource` enum
+    return getattr(ctx.get_parameter_source(name), 'name', 'DEFAULT') != 'DEFAULT'
+
 def _train_kwargs(ctx:typer.Context, skip:tuple=()) -> dict:
     "`train` arguments from a command's options but `skip`; with `--recipe`, only those given (the recipe has the rest)."
     res = {}
     for k, v in ctx.params.items():
         if k in skip or k == 'recipe': continue
-        # by name: typer may bring its own copy of click, with its own `ParameterSource` enum
-        if ctx.params.get('recipe') and getattr(ctx.get_parameter_source(k), 'name', 'DEFAULT') == 'DEFAULT': continue
+        if ctx.params.get('recipe') and not _given(ctx, k): continue
         name, conv = _TRAIN_ARGS.get(k, (k, None))
         res[name] = conv(v) if conv else v
     return res
@@ -286,7 +290,11 @@ def train_cmd(ctx:typer.Context, recipe:RecipeOpt=None, source:SourceOpt='pneumo
         from xray_fastai.distributed import launch_local
         raise typer.Exit(launch_local(distributed, _without_option(_state['argv'], '--distributed')))
     from xray_fastai import learner
-    if resume: path = learner.resume(resume)
+    if resume:
+        given = [f"--{k.replace('_', '-')}" for k in ctx.params if k not in ('resume', 'distributed', 'data_dir') and _given(ctx, k)]
+        check(not given, f"--resume continues a run with its own settings: drop {', '.join(given)} "
+              "(only --data-dir and --distributed go with it)")
+        path = learner.resume(resume, data_dir=data_dir)
     else: path = learner.train(out=out, sync_bn=sync_bn, recipe=recipe,
                                **_train_kwargs(ctx, skip=('out', 'resume', 'distributed', 'sync_bn')))
     if not _rank0(): return

@@ -223,7 +223,7 @@ def load_source(source:str|Path='pneumoniamnist', # `pneumoniamnist[:size]`, an 
         path = Path(source).expanduser()
         check(path.exists(), f"data source {path} does not exist (give a folder, a CSV, an .npz or 'pneumoniamnist')")
         check(path.is_dir() or path.suffix.lower() in ('.csv', '.npz'), f"data source {path} is not a folder, a .csv or an .npz")
-    if path.suffix == '.npz': df, images = _read_npz(path)
+    if path.suffix.lower() == '.npz': df, images = _read_npz(path)
     else:
         df = _read_csv(path) if path.suffix.lower() == '.csv' else _read_folder(path)
         check(len(df), f"no images found in {path}")
@@ -237,7 +237,9 @@ def load_source(source:str|Path='pneumoniamnist', # `pneumoniamnist[:size]`, an 
     df['patient'] = [patient_id(str(i)) if images is None else None for i in df.item]
     df['split'] = df.orig_split
     labels = sorted(df.label.unique())
-    check(len(labels) >= 2, f"{path} has only one class ({labels[0] if labels else 'none'}): need at least two")
+    check(len(labels) >= 2, f"{path} has only one class ({labels[0] if labels else 'none'}): need two")
+    check(len(labels) == 2, f"{path} has {len(labels)} classes ({', '.join(labels)}): xray-fastai classifies two "
+          "(e.g. NORMAL and PNEUMONIA); leave the others out")
     check((df.split == 'train').any(), f"{path} has no training images")
     val = df[df.split == 'valid']
     if all((val.label == c).sum() >= min_valid_per_class for c in labels):

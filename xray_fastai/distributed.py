@@ -23,7 +23,7 @@ from .core import *
 
 # %% auto #0
 __all__ = ['is_distributed', 'setup_distributed', 'barrier', 'rank0_first', 'on_rank0', 'ShardedDL', 'gather_shards',
-           'DDPCallback', 'distributed_cbs', 'model_checksum', 'write_rank_checksum', 'launch_local']
+           'DDPCallback', 'check_sync_bn', 'distributed_cbs', 'model_checksum', 'write_rank_checksum', 'launch_local']
 
 # %% ../nbs/02a_distributed.ipynb #b11fab0c
 def is_distributed() -> bool:
@@ -167,9 +167,13 @@ class DDPCallback(Callback):
         barrier()  # rank 0 has written its files (best.pth) before any rank reads them
 
 # %% ../nbs/02a_distributed.ipynb #49358e01
+def check_sync_bn(sync_bn:bool):
+    "`sync_bn` needs distributed training."
+    check(not sync_bn or is_distributed(), "--sync-bn is for distributed training (torchrun, accelerate launch or --distributed N)")
+
 def distributed_cbs(sync_bn:bool=False) -> list:
     "The callbacks a `fit` needs in this process: `[DDPCallback]` when distributed, else none."
-    check(not sync_bn or is_distributed(), "--sync-bn is for distributed training (torchrun, accelerate launch or --distributed N)")
+    check_sync_bn(sync_bn)
     return [DDPCallback(sync_bn)] if is_distributed() else []
 
 # %% ../nbs/02a_distributed.ipynb #2eaf3ddd

@@ -219,6 +219,7 @@ def new_run_dir(out=None, arch:str='resnet34', mode:str='finetune', root='runs')
     "A fresh run folder: `out`, or `runs/<timestamp>-<arch>-<mode>`; an existing non-empty folder is an error."
     stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
     path = Path(out) if out else Path(root)/f"{stamp}-{arch.replace('/', '_')}-{mode}"
+    check(not path.is_file(), f"--out {path} is a file: give a folder")
     check(not (path.exists() and any(path.iterdir())),
           f"run folder {path} already exists and is not empty: choose another --out, or --resume {path}")
     path.mkdir(parents=True, exist_ok=True)
@@ -266,6 +267,7 @@ def _check_options(c:dict):
     check(c['size'] is None or c['size'] >= 16, f"--size must be at least 16 px, got {c['size']}")
     check(c['freeze_epochs'] >= 0, f"--freeze-epochs must be 0 or more, got {c['freeze_epochs']}")
     check(c['lr'] == 'auto' or float(c['lr']) > 0, f"--lr must be positive or 'auto', got {c['lr']}")
+    check(c['lr_mult'] > 0, f"--lr-mult must be positive, got {c['lr_mult']}")
     check(c['lr_method'] in LR_METHODS, f"unknown --lr-method {c['lr_method']!r}: use one of {', '.join(LR_METHODS)}")
     check(c['monitor'] in MONITORS, f"unknown --monitor {c['monitor']!r}: use one of {', '.join(MONITORS)}")
     check(c['patience'] is None or c['patience'] > 0, f"--patience must be positive, got {c['patience']}")
@@ -435,6 +437,7 @@ def train(out=None, # the run folder (default: `runs/<timestamp>-<arch>-<mode>`)
     "Train one run and write its folder (under torchrun, with every process; rank 0 writes); returns the folder."
     c = train_config(**recipe_kwargs(recipe, **kwargs))
     setup_distributed()
+    check_sync_bn(sync_bn)
     path = Path(on_rank0(new_run_dir, out, c['arch'], _mode(c['frozen'])))  # rank 0 makes it, every rank gets its name
     if not rank_distrib(): print(f"run folder: {path}", file=sys.stderr)
     t0 = time.perf_counter()
@@ -478,12 +481,16 @@ def _versions():
 # %% ../nbs/03_learner.ipynb #d506851c
 def resume(path, # a run folder written by `train`
            cbs=None, # extra fastai callbacks
+           data_dir=None, # where the named dataset is now, if it moved since the run started
           ) -> Path:
     "Continue the run in folder `path` after its last completed epoch; the result matches an uninterrupted run."
     path = Path(path)
     check((path/'config.json').exists(), f"{path} is not a run folder (no config.json)")
     check((path/'last.pth').exists(), f"{path} has no checkpoint (last.pth) yet: start the run again instead")
     c, ckpt = load_json(path/'config.json'), load_checkpoint(path/'last.pth')
+    if data_dir is not None and str(data_dir) != c['data_dir']:  # the data's place, not what the run learns
+        c['data_dir'] = str(data_dir)
+        if not rank_distrib(): save_json(c, path/'config.json')
     rows = pd.read_csv(path/'history.csv').to_dict('records') if (path/'history.csv').exists() else []
     setup_distributed()
     t0 = time.perf_counter()

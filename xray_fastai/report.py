@@ -284,7 +284,7 @@ def experiment(source='pneumoniamnist', # `pneumoniamnist[:size]`, an .npz, a fo
         print(f"[{i}/{len(plan)}] {run.name}: " + dict(new='training', done='finished already, reused',
                                                        resume='resuming')[state], file=sys.stderr, flush=True)
         if state == 'new': train(out=run, **kw)
-        elif state == 'resume': resume(run)
+        elif state == 'resume': resume(run, data_dir=train_kwargs.get('data_dir'))
         ev = eval_dir(run, split)/'metrics.json'
         if state != 'done' or not ev.is_file() or load_json(ev)['target_recall'] != target_recall:
             evaluate(run, split=split, target_recall=target_recall, data_dir=train_kwargs.get('data_dir'))
