@@ -24,6 +24,16 @@ def test_resume_where_the_data_moved(mini_npz, tmp_path):
     assert load_json(run/'config.json')['data_dir'] == str(b)
     assert list(pd.read_csv(run/'history.csv').epoch) == [0, 1]
 
+def test_exported_model_is_the_best_epoch_across_stages(mini_npz, tmp_path):
+    "A fine-tune stage worse than the head-only one: the exported model is still the epoch metrics.json calls best."
+    from xray_fastai.evaluate import evaluate
+    run = train(out=tmp_path/'run', **_kw(mini_npz, arch='resnet18', freeze_epochs=1, epochs=1, lr=1e-2,
+                                          lr_mult=1e-3))  # the body trains at lr 10: the second stage gets worse
+    m, loss = load_json(run/'metrics.json'), pd.read_csv(run/'history.csv').valid_loss
+    assert not loss.iloc[1] <= loss.iloc[0], list(loss)  # the case under test (NaN counts as worse)
+    assert m['best_epoch'] == 0
+    assert evaluate(run, split='valid')['default']['loss'] == pytest.approx(m['best']['valid_loss'], abs=1e-4)
+
 def test_frozen_body_is_bit_identical(mini_npz, tmp_path):
     c = train_config(**_kw(mini_npz, arch='resnet34', frozen=True, epochs=1, lr=1e-2))
     learn = _build(c, tmp_path)

@@ -303,8 +303,11 @@ def find_lr(learn:Learner, method:str='valley', plot=None) -> tuple:
 
 # %% ../nbs/03_learner.ipynb #29e31950
 def _callbacks(c:dict, stage:int, rows:list, ckpt:dict=None) -> list:
-    cbs = [HistoryCallback(rows=rows, stage=stage), BestModelCallback(monitor=c['monitor'], fname='best'),
-           CheckpointCallback(stage=stage)]
+    # one best model across the stages: the exported model is then the epoch that metrics.json calls best
+    best = BestModelCallback(monitor=c['monitor'], fname='best', reset_on_fit=False)
+    earlier = [v for r in rows if r['stage'] < stage and np.isfinite(v := r[c['monitor']])]
+    if earlier: best.best = (min if c['monitor'] == 'valid_loss' else max)(earlier)
+    cbs = [HistoryCallback(rows=rows, stage=stage), best, CheckpointCallback(stage=stage)]
     if c['patience']: cbs.append(EarlyStoppingCallback(monitor=c['monitor'], patience=c['patience']))
     if c.get('mixup'): cbs.append(MixUp(c['mixup']))
     replay = [r for r in rows if r['stage'] == stage]
