@@ -1,7 +1,8 @@
 "Evaluation: metrics from a confusion matrix, the threshold for a target recall, and `evaluate` on a tiny trained run."
-import json
+import json, shutil
+from pathlib import Path
 import numpy as np, pandas as pd, pytest, torch
-from xray_fastai.core import XrayError, load_json
+from xray_fastai.core import XrayError, load_json, save_json
 from xray_fastai.evaluate import binary_metrics, threshold_for_recall, evaluate, eval_dir, format_eval, decide, ensemble
 from xray_fastai.learner import train, load_model_dir
 
@@ -170,3 +171,13 @@ def test_ensemble_needs_the_same_validation_split(tiny_run, tmp_path):
     (other/'config.json').write_text(json.dumps({**c, 'valid_origin': 'carved from train (stratified, 1/5, seed 7)'}))
     with pytest.raises(XrayError, match='validated on the same split'): ensemble([tiny_run, other], tmp_path/'ens')
     assert not (tmp_path/'ens').exists()
+
+
+@pytest.mark.slow
+def test_a_changed_source_is_refused(tiny_run, tmp_path):
+    "The run's data gained images since training: its validation split is no longer the one the run used."
+    run = Path(shutil.copytree(tiny_run, tmp_path/'run', ignore=shutil.ignore_patterns('*.pth', 'eval-*')))
+    c = load_json(run/'config.json')
+    save_json({**c, 'counts': {**c['counts'], 'train': {k: v - 1 for k, v in c['counts']['train'].items()}}}, run/'config.json')
+    with pytest.raises(XrayError, match=r'has changed since the run trained \(train .* then, .* now\)'): evaluate(run)
+    assert not any(run.glob('eval-*'))

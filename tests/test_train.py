@@ -1,4 +1,5 @@
 "Training core: fixed-feature mode, discriminative LRs, lr_find, early stopping, resume, reproducibility."
+from pathlib import Path
 import numpy as np, pandas as pd, pytest, torch
 from xray_fastai.core import load_json, XrayError
 from fastai.callback.core import Callback
@@ -20,6 +21,10 @@ def test_resume_where_the_data_moved(mini_npz, tmp_path):
     cfg = load_json(run/'config.json')
     (run/'config.json').write_text(json.dumps({**cfg, 'epochs': 2}))  # as a run stopped after its first epoch
     b = a.rename(tmp_path/'b')
+    changed = {**cfg, 'epochs': 2, 'counts': {**cfg['counts'], 'valid': {k: v + 1 for k, v in cfg['counts']['valid'].items()}}}
+    (run/'config.json').write_text(json.dumps(changed))  # as if images had been added to the data since
+    with pytest.raises(XrayError, match='has changed since the run trained'): resume(run, data_dir=b)
+    (run/'config.json').write_text(json.dumps({**cfg, 'epochs': 2}))
     resume(run, data_dir=b)
     assert load_json(run/'config.json')['data_dir'] == str(b)
     assert list(pd.read_csv(run/'history.csv').epoch) == [0, 1]
@@ -33,6 +38,18 @@ def test_exported_model_is_the_best_epoch_across_stages(mini_npz, tmp_path):
     assert not loss.iloc[1] <= loss.iloc[0], list(loss)  # the case under test (NaN counts as worse)
     assert m['best_epoch'] == 0
     assert evaluate(run, split='valid')['default']['loss'] == pytest.approx(m['best']['valid_loss'], abs=1e-4)
+
+def test_run_works_from_another_directory(mini_npz, tmp_path, monkeypatch):
+    "Relative paths given to `train` are stored absolute: the run evaluates from anywhere."
+    import shutil
+    from xray_fastai.evaluate import evaluate
+    (tmp_path/'data').mkdir(); (tmp_path/'elsewhere').mkdir()
+    shutil.copy(mini_npz, tmp_path/'data'/'mini.npz')
+    monkeypatch.chdir(tmp_path)
+    run = train(out='run', **{**_kw(mini_npz, arch='resnet18', frozen=True, aug=False, epochs=1, lr=1e-2), 'source': 'data/mini.npz'})
+    assert load_json(run/'config.json')['source'] == str(tmp_path/'data'/'mini.npz')
+    monkeypatch.chdir(tmp_path/'elsewhere')
+    assert Path(evaluate(tmp_path/'run', split='valid')['folder']) == tmp_path/'run'/'eval-valid'  # the run's own
 
 def test_frozen_body_is_bit_identical(mini_npz, tmp_path):
     c = train_config(**_kw(mini_npz, arch='resnet34', frozen=True, epochs=1, lr=1e-2))

@@ -15,7 +15,7 @@ from fastai.vision.all import ClassificationInterpretation, Learner, aug_transfo
 from .core import *
 from .data import *
 from .data import _split_names
-from .learner import xray_learner, load_exported
+from .learner import xray_learner, load_exported, check_unchanged_source
 
 # %% auto #0
 __all__ = ['binary_metrics', 'threshold_for_recall', 'eval_learner', 'predict_dl', 'decide', 'PredsInterpretation', 'plot_roc',
@@ -208,6 +208,7 @@ def _split_name(split:str) -> str:
 def _checked_source(c:dict, split:str, target_recall:float, source=None, data_dir=None) -> XraySource:
     check(0 < target_recall <= 1, f"--target-recall must be in (0, 1], got {target_recall}")
     src = _run_source(c, source, data_dir)
+    if 'counts' in c and (source is None or _same_source(source, c['source'])): check_unchanged_source(c, src)
     check(len(src.items(split)), f"{src.name} has no {split} split: evaluate on another --split, "
           f"or give a --source that has one")
     return src

@@ -28,8 +28,8 @@ from .distributed import *
 __all__ = ['LR_METHODS', 'MONITORS', 'RECIPES', 'xray_metrics', 'head_splitter', 'FixedFeatureCallback', 'EpochLogCallback',
            'HistoryCallback', 'save_checkpoint', 'load_checkpoint', 'CheckpointCallback', 'BestModelCallback',
            'ResumeCallback', 'xray_learner', 'body_features', 'feature_learner', 'new_run_dir', 'export_model',
-           'load_model_dir', 'load_exported', 'find_lr', 'train_config', 'recipe_kwargs', 'train', 'lr_find_only',
-           'resume']
+           'load_model_dir', 'load_exported', 'check_unchanged_source', 'find_lr', 'train_config', 'recipe_kwargs',
+           'train', 'lr_find_only', 'resume']
 
 # %% ../nbs/03_learner.ipynb #31f4f24a
 def xray_metrics(pos_idx:int=1) -> list:
@@ -276,9 +276,17 @@ def _check_options(c:dict):
     check(not (c['mixup'] and c['cached_features']), "--mixup mixes images: it needs --aug, or --finetune")
 
 # %% ../nbs/03_learner.ipynb #f5bea435
+def check_unchanged_source(c:dict, src:XraySource):
+    "`src` still holds as many train and valid images per class as when run config `c` was made."
+    have, had = src.counts(), c['counts']
+    changed = [f"{s} {had.get(s)} then, {have.get(s)} now" for s in ('train', 'valid') if have.get(s) != had.get(s)]
+    check(not changed, f"{src.name} has changed since the run trained ({'; '.join(changed)}): its validation split is "
+          "no longer the run's. Use the data as it was, or train a new run")
+
 def _build(c:dict, path:Path):
     "Source, DataLoaders and Learner for config `c`."
     src = load_source(c['source'], data_dir=c['data_dir'], verify=c['verify'], valid_pct=c['valid_pct'], seed=c['seed'])
+    if 'counts' in c: check_unchanged_source(c, src)  # resuming: on the data the run started with
     if c['size'] is None: c['size'] = int(src.images.shape[1]) if src.images is not None else 224
     set_seed(c['seed'], reproducible=True)
     dls = xray_dataloaders(src, size=c['size'], bs=c['bs'], aug=c['aug'], presize=c['presize'], stats=c['stats'],
@@ -368,6 +376,8 @@ def _plot_history(hist:pd.DataFrame, fname):
     save_fig(fig, fname)
 
 # %% ../nbs/03_learner.ipynb #170af61c
+def _abs_path(p) -> str: return str(Path(p).expanduser().resolve())
+
 def train_config(source='pneumoniamnist', # `pneumoniamnist[:size]`, an .npz, a folder or a CSV
                  arch:str='resnet34', # `resnet34`, `mobilenet_v2` or a timm model name
                  frozen:bool=False, # fixed feature extractor: train only the head
@@ -389,11 +399,12 @@ def train_config(source='pneumoniamnist', # `pneumoniamnist[:size]`, an .npz, a 
                 ) -> dict:
     "The resolved, JSON-serialisable configuration of a training run."
     c = {k: v for k, v in locals().items()}
-    c['source'] = str(source)
-    c['weights'] = str(weights) if weights else None
-    c['data_dir'] = str(data_dir) if data_dir else None
+    # paths are stored absolute: `evaluate` and `--resume` then work from any directory
+    c['source'] = _abs_path(source) if Path(str(source)).expanduser().exists() else str(source)
+    c['weights'] = _abs_path(weights) if weights else None
+    c['data_dir'] = _abs_path(data_dir) if data_dir else None
     if cache is True and data_dir: cache = Path(data_dir)/'presize'  # with the datasets, where `--data-dir` puts them
-    c['cache'] = str(cache) if cache not in (True, False) else cache
+    c['cache'] = _abs_path(cache) if cache not in (True, False) else cache
     scratch = not pretrained or bool(weights)
     if c['lr'] is None: c['lr'] = 1e-2 if scratch else 2e-3
     if c['lr'] != 'auto':
@@ -491,8 +502,8 @@ def resume(path, # a run folder written by `train`
     check((path/'config.json').exists(), f"{path} is not a run folder (no config.json)")
     check((path/'last.pth').exists(), f"{path} has no checkpoint (last.pth) yet: start the run again instead")
     c, ckpt = load_json(path/'config.json'), load_checkpoint(path/'last.pth')
-    if data_dir is not None and str(data_dir) != c['data_dir']:  # the data's place, not what the run learns
-        c['data_dir'] = str(data_dir)
+    if data_dir is not None and _abs_path(data_dir) != c['data_dir']:  # the data's place, not what the run learns
+        c['data_dir'] = _abs_path(data_dir)
         if not rank_distrib(): save_json(c, path/'config.json')
     rows = pd.read_csv(path/'history.csv').to_dict('records') if (path/'history.csv').exists() else []
     setup_distributed()
