@@ -181,3 +181,17 @@ def test_a_changed_source_is_refused(tiny_run, tmp_path):
     save_json({**c, 'counts': {**c['counts'], 'train': {k: v - 1 for k, v in c['counts']['train'].items()}}}, run/'config.json')
     with pytest.raises(XrayError, match=r'has changed since the run trained \(train .* then, .* now\)'): evaluate(run)
     assert not any(run.glob('eval-*'))
+
+
+@pytest.mark.slow
+def test_external_test_only_csv(tiny_run, shared_data, tmp_path):
+    "Another hospital's labelled test images, listed in a CSV: only predicted; the threshold is the run's own."
+    rows = [(str(f), c, 'test') for c in ('NORMAL', 'PNEUMONIA')
+            for f in sorted((shared_data/'chest_xray_224'/'train'/c).glob('*.jpeg'))[:6]]
+    pd.DataFrame(rows, columns=['path', 'label', 'split']).to_csv(tmp_path/'other.csv', index=False)
+    m = evaluate(tiny_run, source=tmp_path/'other.csv')
+    assert m['n'] == 12 and m['default']['tn'] + m['default']['fp'] == 6
+    assert Path(m['folder']).parent == tiny_run and Path(m['folder']).name.startswith('eval-test-on-other.csv-')
+    assert m['chosen']['threshold'] == evaluate(tiny_run, split='valid')['chosen']['threshold']
+    assert sorted(pd.read_csv(Path(m['folder'])/'preds.csv').item) == sorted(r[0] for r in rows)
+    with pytest.raises(XrayError, match='has no valid split'): evaluate(tiny_run, source=tmp_path/'other.csv', split='valid')

@@ -324,7 +324,9 @@ RunDirArg = Annotated[Path, typer.Argument(metavar='RUN_DIR', show_default=False
 RunDirsArg = Annotated[list[Path], typer.Argument(metavar='RUN_DIR...', show_default=False,
     help="run folders written by `xray-fastai train` (evaluated ones add their test metrics)")]
 EvalSourceOpt = Annotated[Optional[str], typer.Option('--source', '--data', '-s', metavar='SOURCE', show_default=False,
-    help=r"data to evaluate on: pneumoniamnist[:SIZE], an .npz file, a folder or a CSV \[default: the run's own]")]
+    help=r"data to evaluate on: pneumoniamnist[:SIZE], an .npz file, a folder or a CSV (one without splits, like a "
+         r"folder of class folders, is evaluated whole; the threshold is still chosen on the run's own validation "
+         r"split) \[default: the run's own]")]
 SplitOpt = Annotated[str, typer.Option('--split', help="split to evaluate on: train, valid or test")]
 TargetRecallOpt = Annotated[float, typer.Option('--target-recall', min=0.0, max=1.0,
     help="also report the highest threshold whose recall on the validation split reaches this")]

@@ -214,6 +214,7 @@ def load_source(source:str|Path='pneumoniamnist', # `pneumoniamnist[:size]`, an 
                 valid_pct:float=0.2, # fraction carved for validation when the source has too small a val split
                 min_valid_per_class:int=50, # a val split smaller than this for any class gets replaced by a carved one
                 seed:int=42, # seed of the carved split
+                for_training:bool=True, # False: a source only evaluated on (no training split needed, nothing carved)
                ) -> XraySource:
     "Read `source` into an `XraySource` with train/valid/test splits."
     check(0 < valid_pct <= 0.5, f"--valid-pct must be in (0, 0.5], got {valid_pct}")
@@ -240,6 +241,8 @@ def load_source(source:str|Path='pneumoniamnist', # `pneumoniamnist[:size]`, an 
     check(len(labels) >= 2, f"{path} has only one class ({labels[0] if labels else 'none'}): need two")
     check(len(labels) == 2, f"{path} has {len(labels)} classes ({', '.join(labels)}): xray-fastai classifies two "
           "(e.g. NORMAL and PNEUMONIA); leave the others out")
+    name = path.stem if images is not None else path.name
+    if not for_training: return XraySource(name, df, images, skipped, "the source's own splits")
     check((df.split == 'train').any(), f"{path} has no training images")
     val = df[df.split == 'valid']
     if all((val.label == c).sum() >= min_valid_per_class for c in labels):
@@ -253,7 +256,7 @@ def load_source(source:str|Path='pneumoniamnist', # `pneumoniamnist[:size]`, an 
     for sp in ('train', 'valid'):
         have = set(df.label[df.split == sp])
         check(have == set(labels), f"{path}: the {sp} split lacks class(es) {sorted(set(labels) - have)}")
-    return XraySource(path.stem if images is not None else path.name, df, images, skipped, origin)
+    return XraySource(name, df, images, skipped, origin)
 
 # %% ../nbs/01_data.ipynb #8388b3d2
 def describe(src:XraySource, n_sample:int=200) -> dict:

@@ -205,18 +205,36 @@ def _split_name(split:str) -> str:
     check(split in _split_names, f"unknown split {split!r}: use train, valid or test")
     return _split_names[split]
 
-def _checked_source(c:dict, split:str, target_recall:float, source=None, data_dir=None) -> XraySource:
-    check(0 < target_recall <= 1, f"--target-recall must be in (0, 1], got {target_recall}")
-    src = _run_source(c, source, data_dir)
-    if 'counts' in c and (source is None or _same_source(source, c['source'])): check_unchanged_source(c, src)
-    check(len(src.items(split)), f"{src.name} has no {split} split: evaluate on another --split, "
-          f"or give a --source that has one")
-    return src
+def _external_source(c:dict, source, split:str, data_dir=None) -> XraySource:
+    "Another source to evaluate on: its `split` (all of it, if it has no splits) as the validation split."
+    src = load_source(source, data_dir=data_dir, verify=c.get('verify', True), for_training=False)
+    unsplit = set(src.df.split) == {'train'}  # a folder of class folders, or a CSV without a split column
+    rows = src.df if unsplit and not len(src.items(split)) else src.items(split)
+    check(len(rows), f"{src.name} has no {split} split: evaluate on another --split")
+    # `eval_learner` gives it the run's pipeline; only its validation half is predicted
+    df = pd.concat([rows.assign(split='train'), rows.assign(split='valid')], ignore_index=True)
+    return XraySource(src.name, df, src.images, src.skipped, f"{src.name}: {len(rows)} images")
 
-def _run_preds(run_dir:Path, src:XraySource, split:str, tta:bool) -> tuple:
+def _checked_source(c:dict, split:str, target_recall:float, source=None, data_dir=None) -> tuple:
+    "The run's own source (its validation split picks the threshold) and another `source` to evaluate, or None."
+    check(0 < target_recall <= 1, f"--target-recall must be in (0, 1], got {target_recall}")
+    other = source is not None and not _same_source(source, c['source'])
+    try: own = _run_source(c, data_dir=None if other else data_dir)
+    except XrayError as e: raise XrayError(f"{e} (the run's own data: its validation split picks the threshold)") from None
+    if 'counts' in c: check_unchanged_source(c, own)
+    if other: return own, _external_source(c, source, split, data_dir)
+    check(len(own.items(split)), f"{own.name} has no {split} split: evaluate on another --split, "
+          f"or give a --source that has one")
+    return own, None
+
+def _run_preds(run_dir:Path, srcs:tuple, split:str, tta:bool) -> tuple:
     "A run's learner, `split`'s DataLoader, and (probabilities, targets) on the validation split and on `split`."
-    learn = eval_learner(run_dir, src)
+    own, other = srcs
+    learn = eval_learner(run_dir, own)
     valid = predict_dl(learn, learn.dls.valid, tta)
+    if other is not None:  # another source: the threshold still comes from the run's own validation split
+        learn = eval_learner(run_dir, other)
+        return learn, learn.dls.valid, valid, predict_dl(learn, learn.dls.valid, tta)
     dl = xray_test_dl(learn.dls, split=split)
     return learn, dl, valid, (valid if split == 'valid' else predict_dl(learn, dl, tta))
 
@@ -272,8 +290,8 @@ def evaluate(run_dir, # a run folder written by `train`
     "Evaluate the run in `run_dir` on `split`, at threshold 0.5 and at the threshold chosen for `target_recall`."
     t0, run_dir, split = time.perf_counter(), Path(run_dir), _split_name(split)
     c = _run_config(run_dir)
-    src = _checked_source(c, split, target_recall, source, data_dir)
-    learn, dl, valid, preds = _run_preds(run_dir, src, split, tta)
+    srcs = _checked_source(c, split, target_recall, source, data_dir)
+    learn, dl, valid, preds = _run_preds(run_dir, srcs, split, tta)
     mode = 'frozen' if c['frozen'] else 'finetune'
     res, thr = _eval_result(c, run_dir.name, c['arch'], mode, source, split, tta, target_recall, valid, preds)
     pos = c['classes'].index(c['positive'])
@@ -304,8 +322,8 @@ def ensemble(run_dirs:list, # run folders written by `train`, validated on the s
         check(o['classes'] == c['classes'], f"{r} was trained on classes {o['classes']}, {runs[0]} on {c['classes']}")
         check(o['valid_origin'] == c['valid_origin'], f"{r} was validated on {o['valid_origin']}, {runs[0]} on "
               f"{c['valid_origin']}: ensemble runs validated on the same split (for a carved one, the same --seed)")
-    src = _checked_source(c, split, target_recall, source, data_dir)
-    learns, dls, valids, splits = zip(*[_run_preds(r, src, split, tta) for r in runs])
+    srcs = _checked_source(c, split, target_recall, source, data_dir)
+    learns, dls, valids, splits = zip(*[_run_preds(r, srcs, split, tta) for r in runs])
     def mean(pairs): return torch.stack([p for p, _ in pairs]).mean(0), pairs[0][1]  # the targets are the same
     valid, preds = mean(valids), mean(splits)
     archs = '+'.join(dict.fromkeys(o['arch'] for o in cs))
