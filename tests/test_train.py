@@ -93,7 +93,10 @@ def test_train_writes_run_folder(mini_npz, tmp_path):
 def test_early_stopping_stops(mini_npz, tmp_path):
     # a huge learning rate makes valid_loss worse after the first epoch; patience 1 stops the run early
     run = train(out=tmp_path/'es', **_kw(mini_npz, arch='resnet34', frozen=True, epochs=6, lr=5.0, patience=1))
-    assert len(pd.read_csv(run/'history.csv')) < 6
+    n = len(pd.read_csv(run/'history.csv'))
+    assert n < 6
+    from xray_fastai.learner import load_checkpoint
+    assert load_checkpoint(run/'last.pth')['epoch'] == n - 1  # the stopping epoch is checkpointed too
 
 def test_same_seed_same_history(mini_npz, tmp_path):
     kw = _kw(mini_npz, arch='resnet34', frozen=True, epochs=2, lr=1e-2)

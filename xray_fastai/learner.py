@@ -129,7 +129,7 @@ def load_checkpoint(path) -> dict:
 # %% ../nbs/03_learner.ipynb #4c354689
 class CheckpointCallback(Callback):
     "Save `last.pth` (resumable: model, optimizer, epoch, random states) after every completed epoch."
-    order = EarlyStoppingCallback.order + 1  # after the trackers, so `best` is up to date
+    order = SaveModelCallback.order + 1  # after best.pth is written; before early stopping can end the fit unsaved
     def __init__(self, fname='last.pth', stage:int=0): store_attr()
     def after_epoch(self):
         if getattr(self.learn, 'replaying', False) or rank_distrib(): return  # rank 0 writes
