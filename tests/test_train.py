@@ -51,6 +51,17 @@ def test_run_works_from_another_directory(mini_npz, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path/'elsewhere')
     assert Path(evaluate(tmp_path/'run', split='valid')['folder']) == tmp_path/'run'/'eval-valid'  # the run's own
 
+def test_run_folders_are_never_shared_nor_taken(mini_npz, tmp_path):
+    from xray_fastai.learner import new_run_dir
+    made = [new_run_dir(root=tmp_path/'runs') for _ in range(3)]  # within one second: the timestamp repeats
+    assert len(set(made)) == 3 and all(p.is_dir() for p in made)
+    mine = tmp_path/'mine'
+    mine.mkdir()  # the user's empty folder, given as --out: a failed start leaves it where it was
+    with pytest.raises(XrayError, match='does not exist'): train(out=mine, **{**_kw(mini_npz), 'source': str(tmp_path/'no.npz')})
+    assert mine.is_dir() and not any(mine.iterdir())
+    with pytest.raises(XrayError, match='does not exist'): train(out=tmp_path/'new', **{**_kw(mini_npz), 'source': str(tmp_path/'no.npz')})
+    assert not (tmp_path/'new').exists()
+
 def test_frozen_body_is_bit_identical(mini_npz, tmp_path):
     c = train_config(**_kw(mini_npz, arch='resnet34', frozen=True, epochs=1, lr=1e-2))
     learn = _build(c, tmp_path)

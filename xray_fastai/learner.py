@@ -6,7 +6,7 @@ Docs: https://xray-fastai.github.io/xray-fastai/learner.html.md"""
 
 # %% ../nbs/03_learner.ipynb #88db1f18
 from __future__ import annotations
-import datetime, inspect, random, shutil, sys, time
+import datetime, inspect, itertools, random, shutil, sys, time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -217,8 +217,14 @@ def feature_learner(learn:Learner, bs:int=None) -> Learner:
 # %% ../nbs/03_learner.ipynb #b80641b6
 def new_run_dir(out=None, arch:str='resnet34', mode:str='finetune', root='runs') -> Path:
     "A fresh run folder: `out`, or `runs/<timestamp>-<arch>-<mode>`; an existing non-empty folder is an error."
-    stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
-    path = Path(out) if out else Path(root)/f"{stamp}-{arch.replace('/', '_')}-{mode}"
+    if out is None:  # two runs started in the same second get two folders (`mkdir` is atomic)
+        Path(root).mkdir(parents=True, exist_ok=True)
+        name = f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{arch.replace('/', '_')}-{mode}"
+        for i in itertools.count(1):
+            path = Path(root)/(name if i == 1 else f"{name}-{i}")
+            try: path.mkdir(); return path
+            except FileExistsError: pass
+    path = Path(out)
     check(not path.is_file(), f"--out {path} is a file: give a folder")
     check(not (path.exists() and any(path.iterdir())),
           f"run folder {path} already exists and is not empty: choose another --out, or --resume {path}")
@@ -452,6 +458,7 @@ def train(out=None, # the run folder (default: `runs/<timestamp>-<arch>-<mode>`)
     c = train_config(**recipe_kwargs(recipe, **kwargs))
     setup_distributed()
     check_sync_bn(sync_bn)
+    existed = out is not None and Path(out).is_dir()  # (empty: checked next) the user's, to be left in place
     path = Path(on_rank0(new_run_dir, out, c['arch'], _mode(c['frozen'])))  # rank 0 makes it, every rank gets its name
     if not rank_distrib(): print(f"run folder: {path}", file=sys.stderr)
     t0 = time.perf_counter()
@@ -460,7 +467,8 @@ def train(out=None, # the run folder (default: `runs/<timestamp>-<arch>-<mode>`)
         if c['lr'] == 'auto':
             c['lr'], c['lr_suggestions'] = on_rank0(find_lr, learn, c['lr_method'], plot=path/'lr_find.png')
     except BaseException:
-        if not rank_distrib(): shutil.rmtree(path)  # we made it empty a moment ago, and nothing was trained: leave no half-made run
+        if not rank_distrib():  # nothing was trained: leave no half-made run (and the user's empty --out as it was)
+            for p in (path.iterdir() if existed else [path]): shutil.rmtree(p) if p.is_dir() else p.unlink()
         raise
     c.update(recipe=recipe, sync_bn=sync_bn, processes=max(1, num_distrib()), versions=_versions(),
              started=datetime.datetime.now().isoformat(timespec='seconds'))
