@@ -3,6 +3,7 @@ from pathlib import Path
 import numpy as np, pandas as pd, pytest, torch
 from xray_fastai.core import load_json, XrayError
 from fastai.callback.core import Callback
+from xray_fastai.data import GREY_IMAGENET_STATS
 from xray_fastai.learner import train, resume, train_config, _build
 
 pytestmark = pytest.mark.slow
@@ -167,7 +168,11 @@ def test_weights_from_an_earlier_run(mini_npz, tmp_path):
     from xray_fastai.learner import load_model_dir
     first = train(out=tmp_path/'a', **_kw(mini_npz, arch='resnet34', frozen=True, epochs=1, lr=1e-2))
     c = train_config(**_kw(mini_npz, arch='resnet34', weights=first/'model.safetensors', epochs=1))
-    assert c['lr_mult'] == 1.0  # weights given: no ImageNet pretraining assumed
+    assert (c['lr'], c['lr_mult']) == (1e-2, 1.0)  # --no-pretrained: not ImageNet weights, the from-scratch defaults
+    # without --no-pretrained, local weights are taken for ImageNet's (the offline stand-in for the download)
+    imagenet = train_config(**{**_kw(mini_npz, arch='resnet34', epochs=1), 'pretrained': True, 'weights': first/'model.safetensors'})
+    assert (imagenet['lr'], imagenet['lr_mult']) == (2e-3, 100.0)
+    assert _build(imagenet, tmp_path/'c').dls.stats == GREY_IMAGENET_STATS
     learn = _build(c, tmp_path/'b')
     saved, _ = load_model_dir(first)
     assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), learn.model.state_dict().values()))

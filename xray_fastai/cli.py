@@ -191,7 +191,8 @@ FrozenOpt = Annotated[bool, typer.Option('--frozen/--finetune',
 PretrainedOpt = Annotated[bool, typer.Option('--pretrained/--no-pretrained',
     help="start from ImageNet weights (downloaded into the torchvision/timm cache) / from scratch")]
 WeightsOpt = Annotated[Optional[Path], typer.Option('--weights', metavar='PATH', show_default=False,
-    help="start from a local state_dict (.pth or .safetensors; backbone or full model)")]
+    help="start from a local state_dict (.pth or .safetensors; backbone or full model) instead of downloading: "
+         "ImageNet weights train as pretrained ones do; add --no-pretrained for others (e.g. an earlier run's)")]
 BsOpt = Annotated[int, typer.Option('--bs', help="batch size")]
 SizeOpt = Annotated[Optional[int], typer.Option('--size', show_default=False,
     help=r"image size fed to the model \[default: the dataset's own for .npz, else 224]")]

@@ -296,7 +296,7 @@ def _build(c:dict, path:Path):
     if c['size'] is None: c['size'] = int(src.images.shape[1]) if src.images is not None else 224
     set_seed(c['seed'], reproducible=True)
     dls = xray_dataloaders(src, size=c['size'], bs=c['bs'], aug=c['aug'], presize=c['presize'], stats=c['stats'],
-                           pretrained=c['pretrained'] and not c['weights'], num_workers=c['num_workers'], seed=c['seed'],
+                           pretrained=c['pretrained'], num_workers=c['num_workers'], seed=c['seed'],
                            cache=c.get('cache', False), **c['aug_kwargs'])
     c.update(stats=dls.stats, classes=list(dls.vocab), positive=src.positive, valid_origin=src.valid_origin,
              presize=c['presize'] or (round(c['size'] * 1.15) if c['aug'] else c['size']),
@@ -411,7 +411,7 @@ def train_config(source='pneumoniamnist', # `pneumoniamnist[:size]`, an .npz, a 
     c['data_dir'] = _abs_path(data_dir) if data_dir else None
     if cache is True and data_dir: cache = Path(data_dir)/'presize'  # with the datasets, where `--data-dir` puts them
     c['cache'] = _abs_path(cache) if cache not in (True, False) else cache
-    scratch = not pretrained or bool(weights)
+    scratch = not pretrained  # `weights` only says where pretrained weights come from; --no-pretrained: not ImageNet's
     if c['lr'] is None: c['lr'] = 1e-2 if scratch else 2e-3
     if c['lr'] != 'auto':
         try: c['lr'] = float(c['lr'])
