@@ -399,7 +399,7 @@ def xray_dataloaders(src:XraySource, # the dataset
     set_seed(seed)
     dls = dblock.dataloaders(df, bs=bs, num_workers=num_workers, device=device,
                              pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
-    dls.src, dls.stats, dls.size = src, stats, size
+    dls.src, dls.stats, dls.size, dls.presize = src, stats, size, presize
     return dls
 
 # %% ../nbs/01_data.ipynb #6f6554e3

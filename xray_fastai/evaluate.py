@@ -15,7 +15,7 @@ from fastai.vision.all import ClassificationInterpretation, Learner, aug_transfo
 from .core import *
 from .data import *
 from .data import _split_names
-from .learner import xray_learner, load_exported, check_unchanged_source
+from .learner import xray_learner, load_exported, check_unchanged_source, _mode
 
 # %% auto #0
 __all__ = ['binary_metrics', 'threshold_for_recall', 'eval_learner', 'predict_dl', 'decide', 'PredsInterpretation', 'plot_roc',
@@ -292,7 +292,7 @@ def evaluate(run_dir, # a run folder written by `train`
     c = _run_config(run_dir)
     srcs = _checked_source(c, split, target_recall, source, data_dir)
     learn, dl, valid, preds = _run_preds(run_dir, srcs, split, tta)
-    mode = 'frozen' if c['frozen'] else 'finetune'
+    mode = _mode(c['frozen'])
     res, thr = _eval_result(c, run_dir.name, c['arch'], mode, source, split, tta, target_recall, valid, preds)
     pos = c['classes'].index(c['positive'])
     curves = {f"{c['arch']} {mode}": (preds[0][:, pos], preds[1] == pos)}

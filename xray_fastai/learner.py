@@ -299,8 +299,7 @@ def _build(c:dict, path:Path):
                            pretrained=c['pretrained'], num_workers=c['num_workers'], seed=c['seed'],
                            cache=c.get('cache', False), **c['aug_kwargs'])
     c.update(stats=dls.stats, classes=list(dls.vocab), positive=src.positive, valid_origin=src.valid_origin,
-             presize=c['presize'] or (round(c['size'] * 1.15) if c['aug'] else c['size']),
-             counts=src.counts(), skipped=len(src.skipped))
+             presize=dls.presize, counts=src.counts(), skipped=len(src.skipped))
     learn = xray_learner(dls, c['arch'], frozen=c['frozen'], pretrained=c['pretrained'], weights=c['weights'],
                          class_weights=c['class_weights'], path=path, wd=c['wd'])
     return learn
