@@ -69,9 +69,9 @@ def _run_config(run_dir:Path) -> dict:
           f"{run_dir} has no model.safetensors: the run did not finish (resume it, then evaluate)")
     return load_json(run_dir/'config.json')
 
-def _run_source(c:dict, source=None, data_dir=None) -> XraySource:
-    "The run's source (or `source`), with the validation split the run used."
-    return load_source(source or c['source'], data_dir=data_dir or c.get('data_dir'), verify=c.get('verify', True),
+def _run_source(c:dict, data_dir=None) -> XraySource:
+    "The run's source, with the validation split the run used."
+    return load_source(c['source'], data_dir=data_dir or c.get('data_dir'), verify=c.get('verify', True),
                        valid_pct=c['valid_pct'], seed=c['seed'])
 
 # %% ../nbs/04_evaluate.ipynb #eaa90e76
