@@ -281,3 +281,26 @@ def test_npz_suffix_in_capitals(shared_data, tmp_path):
     from xray_fastai.data import load_source
     shutil.copy(shared_data/'pneumoniamnist.npz', tmp_path/'SCANS.NPZ')  # it was taken for a folder, with a traceback
     assert load_source(tmp_path/'SCANS.NPZ', verify=False).counts() == load_source(shared_data/'pneumoniamnist.npz', verify=False).counts()
+
+
+def test_unreadable_npz_files_are_one_line(shared_data, tmp_path):
+    import numpy as np
+    from xray_fastai.data import load_source
+    (tmp_path/'page.npz').write_text('<html>not found</html>')  # what a failed manual download often is
+    with pytest.raises(XrayError, match='is not a readable .npz file'): load_source(tmp_path/'page.npz')
+    d = dict(np.load(shared_data/'pneumoniamnist.npz'))
+    multi = {**d, **{f'{s}_labels': np.zeros((len(d[f'{s}_images']), 14), np.uint8) for s in ('train', 'val', 'test')}}
+    np.savez(tmp_path/'multi.npz', **multi)  # ChestMNIST-style multi-label
+    with pytest.raises(XrayError, match='one label per image'): load_source(tmp_path/'multi.npz')
+    np.savez(tmp_path/'floats.npz', **{k: v.astype(np.float32) if k.endswith('labels') else v for k, v in d.items()})
+    assert load_source(tmp_path/'floats.npz', verify=False).counts() == load_source(shared_data/'pneumoniamnist.npz', verify=False).counts()
+
+
+def test_verify_test_only_data(shared_data, tmp_path):
+    "External data with only a test split is checked like any other (it used to fail: no training images)."
+    for c in ('NORMAL', 'PNEUMONIA'):
+        (tmp_path/'ext'/'test'/c).mkdir(parents=True)
+        for f in sorted((shared_data/'chest_xray_224'/'train'/c).glob('*.jpeg'))[:3]: shutil.copy(f, tmp_path/'ext'/'test'/c)
+    r = runner.invoke(app, ['data', 'verify', str(tmp_path/'ext')])
+    assert r.exit_code == 0, r.output
+    assert 'all 6 images readable' in r.output

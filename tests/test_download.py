@@ -120,3 +120,29 @@ def test_cli_download_corrupt_is_one_error_line(mirror, tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.splitlines()[-1].startswith('error: download of ') and 'corrupt' in err
     assert err.count('error:') == 1 and 'Traceback' not in err and list(tmp_path.iterdir()) == []
+
+
+class _TruncatingHandler(_QuietHandler):
+    "Announces the whole file's Content-Length, then sends half of it and closes the connection."
+    def copyfile(self, source, outputfile):
+        data = source.read()
+        outputfile.write(data[:len(data) // 2])
+
+
+def test_unverified_download_cut_short_saves_nothing(shared_data, tmp_path):
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(_TruncatingHandler, directory=str(shared_data)))
+    thread = threading.Thread(target=server.serve_forever, kwargs=dict(poll_interval=0.05), daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(XrayError, match='stopped early|could not download') as e:  # no MD5 to catch it (--no-verify)
+            download('pneumoniamnist', data_dir=tmp_path, verify=False, base_url=f'http://127.0.0.1:{server.server_address[1]}')
+    finally:
+        server.shutdown(); server.server_close(); thread.join()
+    assert '\n' not in str(e.value)
+    assert list(tmp_path.iterdir()) == []  # neither a truncated file in the cache nor a temporary file
+
+
+def test_mirror_without_scheme_is_one_line(tmp_path):
+    with pytest.raises(XrayError, match='could not download mirror.example/medmnist/pneumoniamnist.npz') as e:
+        download('pneumoniamnist', data_dir=tmp_path, base_url='mirror.example/medmnist')
+    assert 'unknown url type' in str(e.value) and list(tmp_path.iterdir()) == []

@@ -3,7 +3,7 @@ import signal, shutil, subprocess, sys, time
 from pathlib import Path
 import numpy as np, pandas as pd, pytest, torch
 from PIL import Image
-from xray_fastai.core import load_json, save_json
+from xray_fastai.core import XrayError, load_json, save_json
 from xray_fastai.data import load_source, open_xray
 from conftest import copy_class_folders
 
@@ -25,6 +25,8 @@ def messy(shared_data, tmp_path_factory) -> Path:
     _png_claiming(bad/'bomb.png', 20000, 20000)  # 400 MP: beyond PIL's decompression-bomb limit
     (root/'NORMAL'/'.DS_Store').write_bytes(b'\x00\x00\x00\x01Bud1')
     (root/'NORMAL'/'._IM-0001.jpeg').write_bytes(b'\x00\x05\x16\x07')  # macOS resource fork: hidden, skipped
+    (root/'NORMAL'/'.thumbnails').mkdir()  # a viewer's hidden folder of small copies: not data
+    shutil.copy(real, root/'NORMAL'/'.thumbnails'/'thumb.jpeg')
     # valid but unusual: RGBA PNG, 16-bit grey PNG, CMYK JPEG, upper-case extensions
     Image.fromarray(grey).convert('RGBA').save(root/'NORMAL'/'rgba.PNG')
     Image.fromarray(grey.astype(np.uint16) * 257).save(root/'NORMAL'/'grey16.png')
@@ -60,6 +62,7 @@ def test_bad_files_are_skipped_and_listed(messy, run_cli):
     names = {Path(p).name for p in src.df.item}
     assert not names & BAD and {'rgba.PNG', 'grey16.png', 'cmyk.JPG'} <= names
     assert not any(n.startswith('.') for n in names)
+    assert not any('.thumbnails' in p for p in src.df.item)
 
 def test_training_on_messy_folder_skips_bad_files(messy, run_cli, tmp_path):
     r = run_cli('train', '--data', messy, '--no-pretrained', '--frozen', '--no-aug', '--epochs', '1', '--size', '32',
@@ -187,3 +190,18 @@ def test_crafted_pickles_are_refused(entry, tiny_run, mini_npz, run_cli, tmp_pat
     line = _errline(r)
     assert 'unpickle' in line or 'not a model written by xray-fastai' in line or 'could not read' in line, line
     assert not marker.exists()
+
+
+@pytest.mark.parametrize('content', [b'not weights at all\n', b'\x89PNG\r\n\x1a\n' + bytes(64), b'{"a": 1}'])
+def test_weights_that_are_not_weights(content, tmp_path):
+    from xray_fastai.models import build_model, load_weights
+    (tmp_path/'w.pth').write_bytes(content)
+    with pytest.raises(XrayError, match=r'could not read weights from .*w.pth \(corrupt, or not a weights file'):
+        load_weights(build_model('resnet18', pretrained=False), tmp_path/'w.pth', 'resnet18')
+
+def test_only_downloads_are_called_download_errors():
+    from xray_fastai.models import catch_download_errors
+    with pytest.raises(RuntimeError, match='shape mismatch'), catch_download_errors('resnet18', downloading=False):
+        raise RuntimeError('shape mismatch')
+    with pytest.raises(XrayError, match='could not download pretrained weights'), catch_download_errors('resnet18'):
+        raise RuntimeError('HTTP Error 403')

@@ -175,7 +175,7 @@ def data_verify(source:SourceArg, data_dir:DataDirOpt=None):
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter('always')
-            src = load_source(source, data_dir, verify=True)
+            src = load_source(source, data_dir, verify=True, for_training=False)  # test-only data too
     # the 'skipping N unreadable images' warning is replaced by the full list below, unless loading failed
     finally: _replay(caught, lambda w: src is None or not str(w.message).startswith('skipping '))
     for f, why in src.skipped: typer.echo(f"{f}: {why}")

@@ -25,6 +25,8 @@ def check(cond, msg:str):
     if not cond: raise XrayError(msg)
 
 # %% ../nbs/00_core.ipynb #497b628b
+_UMASK = os.umask(0); os.umask(_UMASK)
+
 @contextmanager
 def atomic_path(path):
     "Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."
@@ -32,6 +34,7 @@ def atomic_path(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # as `open` would make it: mkstemp's 0600 would hide caches and runs from others
     try:
         yield Path(tmp)
         os.replace(tmp, path)

@@ -6,7 +6,7 @@ Docs: https://xray-fastai.github.io/xray-fastai/data.html.md"""
 
 # %% ../nbs/01_data.ipynb #028c1b36
 from __future__ import annotations
-import hashlib, os, re, sys, urllib.error, urllib.request, warnings
+import hashlib, http.client, os, re, sys, urllib.error, urllib.request, warnings, zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -55,9 +55,14 @@ def _fetch(url, dest:Path, md5:str|None, timeout=30):
         try:
             with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, 'wb') as f:
                 while chunk := r.read(1 << 20): f.write(chunk)
-        except (urllib.error.URLError, OSError) as e:
-            reason = getattr(e, 'reason', None) or e
+                size = r.headers.get('Content-Length')
+        # HTTPException: a response cut short; ValueError: not a URL (e.g. a mirror without http://)
+        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
+            reason = getattr(e, 'reason', None) or f"{type(e).__name__}: {e}"
             raise XrayError(f"could not download {url} ({reason}); download it by hand and put it at {dest}") from e
+        # without an MD5 to check (--no-verify), at least every byte the server announced must be there
+        check(size is None or tmp.stat().st_size == int(size), f"download of {url} stopped early "
+              f"({tmp.stat().st_size} of {size} bytes); nothing was saved, try again")
         got = md5sum(tmp)
         check(md5 is None or got == md5,
               f"download of {url} is corrupt (MD5 {got}, expected {md5}); nothing was saved, try again")
@@ -140,7 +145,8 @@ def _scan_classes(root:Path, split:str) -> list:
     check(dirs, f"no class folders in {root}: expected {root}/<CLASS>/<image files>")
     rows = []
     for d in dirs:
-        files = sorted(f for f in d.rglob('*') if f.is_file() and _is_image(f))
+        files = sorted(f for f in d.rglob('*') if f.is_file() and _is_image(f)
+                       and not any(p.startswith('.') for p in f.relative_to(d).parts))  # .thumbnails/ too
         check(files, f"class folder {d} holds no images ({', '.join(sorted(IMAGE_EXTS))})")
         rows += [dict(item=str(f), label=d.name, orig_split=split) for f in files]
     return rows
@@ -166,15 +172,22 @@ def _read_csv(path:Path) -> pd.DataFrame:
     return df[['item', 'label', 'orig_split']]
 
 def _read_npz(path:Path):
-    with np.load(path, allow_pickle=False) as f:
-        need = [f'{s}_{k}' for s in ('train', 'val', 'test') for k in ('images', 'labels')]
-        check(set(need) <= set(f.files), f"{path} is not a MedMNIST file: it lacks {sorted(set(need) - set(f.files))}")
-        ims = [f[f'{s}_images'] for s in ('train', 'val', 'test')]
-        lbls = [f[f'{s}_labels'].reshape(-1) for s in ('train', 'val', 'test')]
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            need = [f'{s}_{k}' for s in ('train', 'val', 'test') for k in ('images', 'labels')]
+            check(set(need) <= set(f.files), f"{path} is not a MedMNIST file: it lacks {sorted(set(need) - set(f.files))}")
+            ims = [f[f'{s}_images'] for s in ('train', 'val', 'test')]
+            lbls = [f[f'{s}_labels'] for s in ('train', 'val', 'test')]
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:  # ValueError: not a zip, or pickled arrays
+        raise XrayError(f"{path} is not a readable .npz file ({type(e).__name__}: {e})") from None
+    check(all(l.ndim == 1 or l.shape[1:] == (1,) for l in lbls), f"{path}: one label per image is needed, got label "
+          f"arrays of shape {[l.shape for l in lbls]} (multi-label MedMNIST sets are not binary X-ray tasks)")
+    lbls = [l.reshape(-1) for l in lbls]
     images = np.concatenate(ims)
     check(images.ndim == 3, f"{path}: expected grey images (N,H,W), got shape {images.shape}")
     labels = np.concatenate(lbls)
     check(set(np.unique(labels)) <= {0, 1}, f"{path}: PneumoniaMNIST labels are 0/1, got {np.unique(labels)}")
+    labels = labels.astype(int)  # 0./1. floats too
     split = np.repeat(['train', 'valid', 'test'], [len(o) for o in ims])
     df = pd.DataFrame(dict(item=np.arange(len(images)), label=np.array(CLASSES)[labels], orig_split=split))
     return df, images

@@ -175,7 +175,7 @@ def xray_learner(dls:DataLoaders, # from `xray_dataloaders`
     if class_weights:
         counts = torch.tensor([(dls.src.items('train').label == c).sum() for c in dls.vocab], dtype=torch.float)
         weight = (counts.sum() / (len(counts) * counts)).to(dls.device)
-    with catch_download_errors(arch):
+    with catch_download_errors(arch, pretrained and weights is None):
         learn = vision_learner(dls, resolve_arch(arch), n_in=1, n_out=len(dls.vocab), normalize=False,
                                pretrained=pretrained and weights is None, loss_func=CrossEntropyLossFlat(weight=weight),
                                metrics=xray_metrics(pos_idx), path=path or Path('.'), model_dir='.',

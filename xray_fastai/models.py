@@ -6,7 +6,6 @@ Docs: https://xray-fastai.github.io/xray-fastai/models.html.md"""
 
 # %% ../nbs/02_models.ipynb #9a39ee07
 from __future__ import annotations
-import pickle
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,7 +15,6 @@ from fastai.vision.core import imagenet_stats
 from fastai.vision.learner import create_timm_model, create_vision_model, cut_model, model_meta
 from fastcore.foundation import L
 from fastcore.meta import delegates
-from safetensors import SafetensorError
 from safetensors.torch import load_file
 from timm.models import group_parameters
 from torch import nn
@@ -69,8 +67,12 @@ def resolve_arch(name:str, # a torchvision name from `torchvision_archs` or any 
 # %% ../nbs/02_models.ipynb #8002141d
 @contextmanager
 def catch_download_errors(arch:str, # the architecture name, for the message
+                          downloading:bool=True, # False: no weights are fetched, so other errors keep their own story
                          ):
     "Turn a failed pretrained-weights download inside the block into a one-line `XrayError`."
+    if not downloading:
+        yield
+        return
     try: yield
     # network, hub and cache errors are all OSErrors (URLError, socket, huggingface_hub); torch.hub raises RuntimeError
     except (OSError, RuntimeError) as e:
@@ -87,7 +89,7 @@ def build_model(arch:str, # a name `resolve_arch` knows
                 **kwargs):
     "The `Sequential(body, head)` model `vision_learner` builds for `arch`, without `DataLoaders`."
     a = resolve_arch(arch)
-    with catch_download_errors(arch):
+    with catch_download_errors(arch, pretrained):
         if isinstance(a, str): return create_timm_model(a, n_out, pretrained=pretrained, n_in=n_in, **kwargs)[0]
         return create_vision_model(a, n_out, pretrained=pretrained, n_in=n_in, **kwargs)
 
@@ -104,9 +106,10 @@ def _read_state_dict(path:Path) -> dict:
     "Tensors saved at `path` (torch or safetensors), without unpickling any Python object."
     check(path.is_file(), f"weights file not found: {path}")
     try: sd = load_file(path) if path.suffix == '.safetensors' else torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError: raise XrayError(f"refusing to unpickle {path}: it holds Python objects, not just tensors "
-                                                   "(save model.state_dict(), or learn.save(name, with_opt=False))") from None
-    except (RuntimeError, SafetensorError, EOFError) as e:
+    except Exception as e:  # anything a damaged or foreign file makes torch or safetensors raise
+        if 'global' in str(e).lower():  # torch's refusal of a pickle that names Python objects (code it would run)
+            raise XrayError(f"refusing to unpickle {path}: it holds Python objects, not just tensors "
+                            "(save model.state_dict(), or learn.save(name, with_opt=False))") from None
         raise XrayError(f"could not read weights from {path} (corrupt, or not a weights file: {type(e).__name__})") from e
     check(isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values()), f"{path} does not hold a state_dict")
     return sd
