@@ -122,3 +122,13 @@ def test_unreadable_file_is_a_user_error(fullres, tmp_path):
     with pytest.raises(XrayError, match='broken.jpeg'):
         presize_cache([str(bad)], 32, tmp_path/'cache')
     assert not list((tmp_path/'cache').glob('*'))  # nothing half-written
+
+
+def test_two_file_lists_with_one_name_keep_their_caches(fullres, tmp_path):
+    "Cross-validation folds: two lists named alike over one image tree must not evict each other's cache."
+    from xray_fastai.data import presize_cache
+    files = sorted(str(f) for f in fullres.rglob('*.jpeg'))
+    folds = files[0::2], files[1::2]  # both span NORMAL/ and PNEUMONIA/: one common root
+    a, b = (presize_cache(f, 32, tmp_path/'cache', name='data.csv', num_workers=1) for f in folds)
+    assert a != b and a.exists() and b.exists()
+    assert presize_cache(folds[0], 32, tmp_path/'cache', name='data.csv') == a  # reused, not rebuilt

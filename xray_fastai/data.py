@@ -317,8 +317,10 @@ def presize_cache_path(files, # image paths, in row order
         try: st = os.stat(f)
         except OSError as e: raise XrayError(f"cannot read {f} ({e.strerror}): was it moved or deleted? load the source again") from None
         h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    root, name = hashlib.sha1(os.path.commonpath(paths).encode()).hexdigest()[:8], re.sub(r'[^\w.]', '_', name)
-    return Path(folder)/f"{name}-{root}-{size}px-{h.hexdigest()[:16]}.npy"
+    # the prefix names the file list (not its contents): a changed copy of the same list replaces it, other lists
+    # that share a name and a root (e.g. cross-validation folds) keep their own caches
+    files_id, name = hashlib.sha1('\n'.join(paths).encode()).hexdigest()[:8], re.sub(r'[^\w.]', '_', name)
+    return Path(folder)/f"{name}-{files_id}-{size}px-{h.hexdigest()[:16]}.npy"
 
 def _presize(f, size:int) -> np.ndarray:
     "`f` decoded at reduced scale and squished to `size` px by the pipeline's own `Resize`."
@@ -346,7 +348,7 @@ def presize_cache(files, # image paths, in row order
         with ThreadPoolExecutor(min(defaults.cpus, 8) if num_workers is None else num_workers) as pool:  # PIL decodes without the GIL
             for i, im in enumerate(pool.map(_presize, files, size=size)): arr[i] = im
         arr.flush(); del arr
-    for old in folder.glob(path.name.rsplit('-', 1)[0] + '-*.npy'):  # same source and size, other files
+    for old in folder.glob(path.name.rsplit('-', 1)[0] + '-*.npy'):  # the same files at the same size, changed since
         if old != path: old.unlink(missing_ok=True)
     return path
 
