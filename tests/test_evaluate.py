@@ -157,7 +157,7 @@ def test_ensemble_cli(tiny_run, mini_npz, run_cli, tmp_path):
     # running it again replaces its own output; a folder it did not write is never written into
     assert run_cli('ensemble', tiny_run, second, '--out', out).returncode == 0
     r = run_cli('ensemble', tiny_run, second, '--out', tiny_run)
-    assert r.returncode == 2 and r.stderr.strip() == f"error: {tiny_run} exists and is not an ensemble's output: choose another --out"
+    assert r.returncode == 2 and r.stderr.strip() == f"error: folder {tiny_run} already exists and is not empty: it is not an ensemble's output; choose another --out"
     r = run_cli('ensemble', tiny_run, '--out', tmp_path/'one')
     assert r.returncode == 2 and 'at least two run folders' in r.stderr and not (tmp_path/'one').exists()
 

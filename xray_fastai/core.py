@@ -12,8 +12,8 @@ from pathlib import Path
 from fastcore.imports import IN_NOTEBOOK
 
 # %% auto #0
-__all__ = ['XrayError', 'check', 'atomic_path', 'atomic_write_text', 'save_json', 'load_json', 'data_dir', 'pyplot', 'save_fig',
-           'md5sum']
+__all__ = ['XrayError', 'check', 'check_out_dir', 'atomic_path', 'atomic_write_text', 'save_json', 'load_json', 'data_dir',
+           'pyplot', 'save_fig', 'md5sum']
 
 # %% ../nbs/00_core.ipynb #0cf8ce33
 class XrayError(Exception):
@@ -23,6 +23,17 @@ class XrayError(Exception):
 def check(cond, msg:str):
     "Raise `XrayError(msg)` unless `cond`."
     if not cond: raise XrayError(msg)
+
+def check_out_dir(out, # a folder about to be written into
+                  what:str='folder', # what it is, for the message
+                  hint:str='choose another --out', # what to do instead
+                  reuse:bool=False, # it may hold files: an earlier output of ours, or the user said --overwrite
+                 ) -> Path:
+    "`out` as a `Path`: not a file, and new or empty unless `reuse`, so that nothing of the user's gets overwritten."
+    out = Path(out)
+    check(not out.is_file(), f"{out} is a file: give a folder")
+    check(reuse or not (out.is_dir() and any(out.iterdir())), f"{what} {out} already exists and is not empty: {hint}")
+    return out
 
 # %% ../nbs/00_core.ipynb #497b628b
 _UMASK = os.umask(0); os.umask(_UMASK)

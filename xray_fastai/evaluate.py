@@ -178,19 +178,13 @@ def _interp_figures(interp:PredsInterpretation, out:Path, thresholds:dict, k:int
     save_fig(fig, out/'top_losses.png')
 
 # %% ../nbs/04_evaluate.ipynb #1eae8b98
-def _same_source(a, b) -> bool:
-    "Whether sources `a` and `b` (names or paths) are the same."
-    a, b = Path(str(a)).expanduser(), Path(str(b)).expanduser()
-    return a == b or (a.exists() and b.exists() and a.resolve() == b.resolve())
-
 def eval_dir(run_dir, split:str='test', tta:bool=False,
              source=None, # another source than the run's: its evaluations get a folder of their own
             ) -> Path:
     "Where `evaluate` writes the evaluation of `run_dir` on `split`."
     on = ''
     if source is not None:  # the name says which data; the hash of its full path keeps two `test.csv`s apart
-        p = Path(str(source)).expanduser()
-        s = str(p.resolve()) if p.exists() else str(source)
+        s = source_id(source)
         name = re.sub(r'[^\w.-]+', '_', Path(s).name or s)
         on = f"-on-{name}-{hashlib.md5(s.encode()).hexdigest()[:6]}"
     return Path(run_dir)/f"eval-{split}{on}{'-tta' if tta else ''}"
@@ -218,7 +212,7 @@ def _external_source(c:dict, source, split:str, data_dir=None) -> XraySource:
 def _checked_source(c:dict, split:str, target_recall:float, source=None, data_dir=None) -> tuple:
     "The run's own source (its validation split picks the threshold) and another `source` to evaluate, or None."
     check(0 < target_recall <= 1, f"--target-recall must be in (0, 1], got {target_recall}")
-    other = source is not None and not _same_source(source, c['source'])
+    other = source is not None and source_id(source) != source_id(c['source'])
     try: own = _run_source(c, data_dir=None if other else data_dir)
     except XrayError as e: raise XrayError(f"{e} (the run's own data: its validation split picks the threshold)") from None
     if 'counts' in c: check_unchanged_source(c, own)
@@ -296,8 +290,8 @@ def evaluate(run_dir, # a run folder written by `train`
     res, thr = _eval_result(c, run_dir.name, c['arch'], mode, source, split, tta, target_recall, valid, preds)
     pos = c['classes'].index(c['positive'])
     curves = {f"{c['arch']} {mode}": (preds[0][:, pos], preds[1] == pos)}
-    other = None if source is None or _same_source(source, c['source']) else source
-    return _write_eval(res, eval_dir(run_dir, split, tta, other), learn, dl, preds, thr, curves, t0)
+    return _write_eval(res, eval_dir(run_dir, split, tta, source if srcs[1] is not None else None), learn, dl, preds,
+                       thr, curves, t0)
 
 # %% ../nbs/04_evaluate.ipynb #30619bc1
 def ensemble(run_dirs:list, # run folders written by `train`, validated on the same split
@@ -313,9 +307,8 @@ def ensemble(run_dirs:list, # run folders written by `train`, validated on the s
     check(len(runs) >= 2, f"an ensemble needs at least two run folders, got {len(runs)}")
     check(len(set(r.resolve() for r in runs)) == len(runs), "the same run folder is given twice")
     earlier = out/'metrics.json'
-    check(not out.exists() or (out.is_dir() and not any(out.iterdir()))
-          or (earlier.is_file() and 'members' in load_json(earlier)),
-          f"{out} exists and is not an ensemble's output: choose another --out")
+    check_out_dir(out, hint="it is not an ensemble's output; choose another --out",
+                  reuse=earlier.is_file() and 'members' in load_json(earlier))
     cs = [_run_config(r) for r in runs]
     c = cs[0]
     for r, o in zip(runs[1:], cs[1:]):

@@ -224,10 +224,7 @@ def new_run_dir(out=None, arch:str='resnet34', mode:str='finetune', root='runs')
             path = Path(root)/(name if i == 1 else f"{name}-{i}")
             try: path.mkdir(); return path
             except FileExistsError: pass
-    path = Path(out)
-    check(not path.is_file(), f"--out {path} is a file: give a folder")
-    check(not (path.exists() and any(path.iterdir())),
-          f"run folder {path} already exists and is not empty: choose another --out, or --resume {path}")
+    path = check_out_dir(out, 'run folder', f"choose another --out, or --resume {out}")
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -315,11 +312,15 @@ def find_lr(learn:Learner, method:str='valley', plot=None) -> tuple:
     return res[method], res
 
 # %% ../nbs/03_learner.ipynb #29e31950
+def _best_index(monitor:str, values) -> int:
+    "Index of the best of `values` of `monitor`: the lowest loss, or the highest metric."
+    return int((np.argmin if monitor == 'valid_loss' else np.argmax)(values))
+
 def _callbacks(c:dict, stage:int, rows:list, ckpt:dict=None) -> list:
     # one best model across the stages: the exported model is then the epoch that metrics.json calls best
     best = BestModelCallback(monitor=c['monitor'], fname='best', reset_on_fit=False)
     earlier = [v for r in rows if r['stage'] < stage and np.isfinite(v := r[c['monitor']])]
-    if earlier: best.best = (min if c['monitor'] == 'valid_loss' else max)(earlier)
+    if earlier: best.best = earlier[_best_index(c['monitor'], earlier)]
     cbs = [HistoryCallback(rows=rows, stage=stage), best, CheckpointCallback(stage=stage)]
     if c['patience']: cbs.append(EarlyStoppingCallback(monitor=c['monitor'], patience=c['patience']))
     if c.get('mixup'): cbs.append(MixUp(c['mixup']))
@@ -359,8 +360,7 @@ def _fit(learn:Learner, c:dict, rows:list=(), ckpt:dict=None, cbs=None) -> Learn
 # %% ../nbs/03_learner.ipynb #82ac90dd
 def _finish(learn:Learner, c:dict, path:Path, wall:float) -> dict:
     hist = pd.read_csv(path/'history.csv')
-    better = np.argmin if c['monitor'] == 'valid_loss' else np.argmax
-    best = hist.iloc[int(better(hist[c['monitor']].values))]
+    best = hist.iloc[_best_index(c['monitor'], hist[c['monitor']].values)]
     total, trainable = count_params(learn.model)
     if c['frozen']: trainable = sum(p.numel() for p in learn.model[1].parameters())
     mets = [m for m in hist.columns if m not in ('epoch', 'stage', 'stage_epoch', 'train_loss', 'n_valid', 'seconds')]
@@ -405,7 +405,7 @@ def train_config(source='pneumoniamnist', # `pneumoniamnist[:size]`, an .npz, a 
     "The resolved, JSON-serialisable configuration of a training run."
     c = {k: v for k, v in locals().items()}
     # paths are stored absolute: `evaluate` and `--resume` then work from any directory
-    c['source'] = _abs_path(source) if Path(str(source)).expanduser().exists() else str(source)
+    c['source'] = source_id(source)
     c['weights'] = _abs_path(weights) if weights else None
     c['data_dir'] = _abs_path(data_dir) if data_dir else None
     if cache is True and data_dir: cache = Path(data_dir)/'presize'  # with the datasets, where `--data-dir` puts them

@@ -243,10 +243,7 @@ def predict(model_path, # a run folder, or its `model.safetensors`
     check(bs > 0, f"--bs must be positive, got {bs}")
     if out: _check_out(out, overwrite)
     if gradcam:
-        gradcam = Path(gradcam)
-        check(not gradcam.is_file(), f"--gradcam {gradcam} is a file: give a folder")
-        check(overwrite or not (gradcam.is_dir() and any(gradcam.iterdir())),
-              f"Grad-CAM folder {gradcam} is not empty: use --overwrite, or another folder")
+        gradcam = check_out_dir(gradcam, 'Grad-CAM folder', 'use --overwrite, or another folder', reuse=overwrite)
     files = image_paths(paths)
     if gradcam: files = files.filter(lambda f: gradcam.resolve() not in Path(f).resolve().parents)  # earlier overlays
     check(files, f"no images to predict outside the Grad-CAM folder {gradcam}")

@@ -184,9 +184,7 @@ def _report_md(res:dict, out:Path) -> str:
 # %% ../nbs/05_report.ipynb #9433b5db
 def _check_report_dir(out:Path, *marks:str):
     "`out` is new, empty, or holds an earlier report (one of the files `marks`): nothing else gets overwritten."
-    check(not out.is_file(), f"--out {out} is a file: give a folder")
-    check(not out.exists() or not any(out.iterdir()) or any((out/m).is_file() for m in marks),
-          f"{out} is not empty and holds no earlier report: choose another --out")
+    check_out_dir(out, hint="it holds no earlier report; choose another --out", reuse=any((out/m).is_file() for m in marks))
 
 def compare(run_dirs:list, # finished run folders
             out=None, # write the report files here
