@@ -6,14 +6,14 @@ Docs: https://xray-fastai.github.io/xray-fastai/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #17447a59
 from __future__ import annotations
-import hashlib, json, os, tempfile
+import glob, hashlib, json, os, tempfile, time
 from contextlib import contextmanager
 from pathlib import Path
 from fastcore.imports import IN_NOTEBOOK
 
 # %% auto #0
-__all__ = ['XrayError', 'check', 'check_out_dir', 'atomic_path', 'atomic_write_text', 'save_json', 'load_json', 'data_dir',
-           'pyplot', 'save_fig', 'md5sum']
+__all__ = ['STALE_TMP_SECONDS', 'XrayError', 'check', 'check_out_dir', 'remove_stale_tmp', 'atomic_path', 'atomic_write_text',
+           'save_json', 'load_json', 'data_dir', 'pyplot', 'save_fig', 'md5sum']
 
 # %% ../nbs/00_core.ipynb #0cf8ce33
 class XrayError(Exception):
@@ -37,12 +37,23 @@ def check_out_dir(out, # a folder about to be written into
 
 # %% ../nbs/00_core.ipynb #497b628b
 _UMASK = os.umask(0); os.umask(_UMASK)
+STALE_TMP_SECONDS = 3600  # a partial file untouched this long belongs to a killed process (writers touch theirs)
+
+def remove_stale_tmp(path, max_age:float=STALE_TMP_SECONDS) -> list:
+    "Delete the partial files that killed writes of `path` left beside it (`.NAME.*.tmp`, untouched for `max_age` s)."
+    path, now, gone = Path(path), time.time(), []
+    for f in path.parent.glob(f'.{glob.escape(path.name)}.*.tmp'):
+        try:
+            if now - f.stat().st_mtime > max_age: f.unlink(); gone.append(f)
+        except FileNotFoundError: pass  # another process cleaned it first
+    return gone
 
 @contextmanager
 def atomic_path(path):
     "Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(path)  # a SIGKILL skips the clean-up below: a download or cache can leave gigabytes behind
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_UMASK)  # as `open` would make it: mkstemp's 0600 would hide caches and runs from others
