@@ -285,7 +285,7 @@ def test_only_the_exported_model_file(run, fullres, tmp_path):
     other.write_bytes(b'')
     with pytest.raises(XrayError, match='older.safetensors is not the model'): predict(other, fullres[:1])
     from xray_fastai.learner import load_model_dir
-    with pytest.raises(XrayError, match='no deployable model'): load_model_dir(other)
+    with pytest.raises(XrayError, match='older.safetensors is not the model'): load_model_dir(other)
 
 
 def test_pickles_and_garbage_are_refused(run, fullres, tmp_path):

@@ -25,11 +25,11 @@ from .models import *
 from .distributed import *
 
 # %% auto #0
-__all__ = ['LR_METHODS', 'MONITORS', 'RECIPES', 'xray_metrics', 'head_splitter', 'FixedFeatureCallback', 'EpochLogCallback',
-           'HistoryCallback', 'save_checkpoint', 'load_checkpoint', 'CheckpointCallback', 'BestModelCallback',
-           'ResumeCallback', 'xray_learner', 'body_features', 'feature_learner', 'new_run_dir', 'export_model',
-           'load_model_dir', 'load_exported', 'check_unchanged_source', 'find_lr', 'train_config', 'recipe_kwargs',
-           'train', 'lr_find_only', 'resume']
+__all__ = ['MODEL_META_KEYS', 'LR_METHODS', 'MONITORS', 'RECIPES', 'xray_metrics', 'head_splitter', 'FixedFeatureCallback',
+           'EpochLogCallback', 'HistoryCallback', 'save_checkpoint', 'load_checkpoint', 'CheckpointCallback',
+           'BestModelCallback', 'ResumeCallback', 'xray_learner', 'body_features', 'feature_learner', 'new_run_dir',
+           'export_model', 'load_model_dir', 'load_exported', 'check_unchanged_source', 'find_lr', 'train_config',
+           'recipe_kwargs', 'train', 'lr_find_only', 'resume']
 
 # %% ../nbs/03_learner.ipynb #31f4f24a
 def xray_metrics(pos_idx:int=1) -> list:
@@ -240,15 +240,31 @@ def export_model(learn:Learner, path, config:dict):
     return path/'model.safetensors'
 
 # %% ../nbs/03_learner.ipynb #417ef38b
-def load_model_dir(path) -> tuple:
-    "Rebuild the model saved by `export_model` in `path` (a run folder or a `model.safetensors`): `(model, meta)`."
-    path = Path(path)
-    folder = path.parent if path.name == 'model.safetensors' else path  # another .safetensors is not this folder's model
-    check((folder/'model.json').exists() and (folder/'model.safetensors').exists(),
-          f"{folder} holds no deployable model (model.safetensors + model.json); give a run folder")
-    meta = load_json(folder/'model.json')
-    model = build_model(meta['arch'], n_out=len(meta['classes']), n_in=meta['n_in'], pretrained=False)
-    return load_exported(model, folder/'model.safetensors', meta['arch']).eval(), meta
+MODEL_META_KEYS = ('arch', 'size', 'presize', 'stats', 'classes', 'positive', 'n_in')
+
+def load_model_dir(path, # a run folder, or its `model.safetensors`
+                  ) -> tuple:
+    "Rebuild the model `export_model` saved in `path`: `(model, meta)`; never unpickles."
+    p = Path(path).expanduser()
+    check(p.exists(), f"model {p} does not exist: give a run folder or its model.safetensors")
+    if p.is_file():
+        check(p.suffix in ('.safetensors', '.json'), f"refusing to load {p}: give a run folder or its "
+              "model.safetensors (pickled .pth/.pkl files are never loaded)")
+        # another .safetensors beside model.json is not the folder's model: never swap one for the other
+        check(p.name in ('model.safetensors', 'model.json'), f"{p.name} is not the model `train` exported: give its run "
+              "folder, or the model.safetensors in it")
+        p = p.parent
+    check((p/'model.json').exists() and (p/'model.safetensors').exists(),
+          f"{p} holds no deployable model (model.safetensors + model.json); give a run folder")
+    try:
+        meta = load_json(p/'model.json')
+        check(isinstance(meta, dict) and all(k in meta for k in MODEL_META_KEYS),
+              f"{p/'model.json'} is not an xray-fastai model description (it needs {', '.join(MODEL_META_KEYS)})")
+        model = build_model(meta['arch'], n_out=len(meta['classes']), n_in=meta['n_in'], pretrained=False)
+    except (RuntimeError, KeyError, ValueError, TypeError, OSError) as e:  # a damaged or hand-edited model.json
+        why = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        raise XrayError(f"could not load the model in {p} (damaged, or not an xray-fastai model: {why})") from e
+    return load_exported(model, p/'model.safetensors', meta['arch']).eval(), meta
 
 def load_exported(model, path, arch:str):
     "Load the weights `export_model` wrote to `path` into `model` (safetensors: tensors only, never code)."

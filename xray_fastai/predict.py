@@ -16,7 +16,6 @@ from fastcore.all import *
 from fastai.vision.all import (Resize, ResizeMethod, ToTensor, IntToFloatTensor, Normalize, Pipeline, TensorImageBW,
                                aug_transforms, defaults)
 from fastai.callback.hook import hook_output
-from safetensors import SafetensorError
 from .core import *
 from .data import *
 from .learner import load_model_dir
@@ -148,28 +147,12 @@ class XrayPreprocess:
         return self.batch_tfms(TensorImageBW(torch.stack(list(items))).to(self.device))
 
 # %% ../nbs/06_predict.ipynb #bd4fccc1
-_META_KEYS = ('arch', 'size', 'presize', 'stats', 'classes', 'positive', 'n_in')
-
 def load_predictor(model_path, # a run folder, or its `model.safetensors`
                   ) -> tuple:
     "`(model, meta)` of a deployable model, `meta` completed with its `validation_settings`; never unpickles."
-    p = Path(model_path).expanduser()
-    check(p.exists(), f"model {p} does not exist: give a run folder or its model.safetensors")
-    if p.is_file():
-        check(p.suffix in ('.safetensors', '.json'), f"refusing to load {p}: give a run folder or its "
-              "model.safetensors (pickled .pth/.pkl files are never loaded)")
-        check(p.name in ('model.safetensors', 'model.json'), f"{p.name} is not the model `train` exported: give its run "
-              "folder, or the model.safetensors in it")
-        p = p.parent
-    try:
-        if (p/'model.json').exists():
-            meta = load_json(p/'model.json')
-            check(isinstance(meta, dict) and all(k in meta for k in _META_KEYS),
-                  f"{p/'model.json'} is not an xray-fastai model description (it needs {', '.join(_META_KEYS)})")
-        model, meta = load_model_dir(p)
-    except (SafetensorError, RuntimeError, KeyError, ValueError, TypeError, OSError) as e:
-        raise XrayError(f"could not load the model in {p} (damaged, or not an xray-fastai model: {_why(e)})") from e
-    return model, {**meta, **validation_settings(meta, p)}
+    model, meta = load_model_dir(model_path)
+    folder = Path(model_path).expanduser()
+    return model, {**meta, **validation_settings(meta, folder if folder.is_dir() else folder.parent)}
 
 # %% ../nbs/06_predict.ipynb #b55b1381
 def grad_cam(model, # `Sequential(body, head)`, in eval mode
