@@ -63,6 +63,13 @@ def test_run_folders_are_never_shared_nor_taken(mini_npz, tmp_path):
     with pytest.raises(XrayError, match='does not exist'): train(out=tmp_path/'new', **{**_kw(mini_npz), 'source': str(tmp_path/'no.npz')})
     assert not (tmp_path/'new').exists()
 
+def test_failed_clean_up_keeps_the_real_error(mini_npz, tmp_path, monkeypatch):
+    "A run folder that cannot be removed (a busy mount) leaves the start's own error in front of the user."
+    import errno, xray_fastai.learner as lm
+    def busy(p, *a, **k): raise OSError(errno.EBUSY, 'Device or resource busy', str(p))
+    monkeypatch.setattr(lm.shutil, 'rmtree', busy)
+    with pytest.raises(XrayError, match='does not exist'): train(out=tmp_path/'new', **{**_kw(mini_npz), 'source': str(tmp_path/'no.npz')})
+
 def test_frozen_body_is_bit_identical(mini_npz, tmp_path):
     c = train_config(**_kw(mini_npz, arch='resnet34', frozen=True, epochs=1, lr=1e-2))
     learn = _build(c, tmp_path)

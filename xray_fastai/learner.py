@@ -7,7 +7,7 @@ Docs: https://xray-fastai.github.io/xray-fastai/learner.html.md"""
 # %% ../nbs/03_learner.ipynb #88db1f18
 from __future__ import annotations
 import datetime, inspect, itertools, random, shutil, sys, time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np, pandas as pd, torch
@@ -483,7 +483,8 @@ def train(out=None, # the run folder (default: `runs/<timestamp>-<arch>-<mode>`)
             c['lr'], c['lr_suggestions'] = on_rank0(find_lr, learn, c['lr_method'], plot=path/'lr_find.png')
     except BaseException:
         if not rank_distrib():  # nothing was trained: leave no half-made run (and the user's empty --out as it was)
-            for p in (path.iterdir() if existed else [path]): shutil.rmtree(p) if p.is_dir() else p.unlink()
+            with suppress(OSError):  # a clean-up that fails (a busy mount, a permission) must not hide the real error
+                for p in (path.iterdir() if existed else [path]): shutil.rmtree(p) if p.is_dir() else p.unlink()
         raise
     c.update(recipe=recipe, sync_bn=sync_bn, processes=max(1, num_distrib()), versions=_versions(),
              started=datetime.datetime.now().isoformat(timespec='seconds'))
