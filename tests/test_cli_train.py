@@ -58,6 +58,10 @@ def test_offline_pretrained_is_one_line_and_leaves_no_run(run_cli, mini_npz, tmp
     (['--frozen', '--no-aug', '--mixup', '0.4'], ['--mixup mixes images']),
     (['--lr-mult', '0'], ['--lr-mult must be positive, got 0']),
     (['--sync-bn'], ['--sync-bn is for distributed training']),
+    # values Typer could range-check are the library's to refuse, in one line like the others
+    (['--valid-pct', '0.9'], ['--valid-pct must be in (0, 0.5], got 0.9']),
+    (['--mixup', '-1'], ['--mixup must be 0 (off) or a positive Beta alpha, got -1']),
+    (['--distributed', '0'], ['--distributed must be at least 1, got 0']),
 ])
 def test_bad_train_options(start_cli, mini_npz, tmp_path, args, words):
     r = start_cli('train', '--data', mini_npz, '--no-pretrained', '--out', tmp_path/'run', *args).result()

@@ -135,6 +135,11 @@ def test_evaluate_user_errors(tiny_run, shared_data, tmp_path):
     with pytest.raises(XrayError, match='unknown split'): evaluate(tiny_run, split='holdout')
     with pytest.raises(XrayError, match='target-recall'): evaluate(tiny_run, target_recall=1.5)
 
+@pytest.mark.slow
+def test_evaluate_cli_bad_target_recall(tiny_run, run_cli):
+    r = run_cli('evaluate', tiny_run, '--target-recall', '1.5')
+    assert r.returncode == 2 and r.stderr.splitlines() == ['error: --target-recall must be in (0, 1], got 1.5'], r.stderr
+
 
 @pytest.mark.slow
 def test_ensemble_cli(tiny_run, mini_npz, run_cli, tmp_path):

@@ -51,8 +51,8 @@ MirrorOpt = Annotated[Optional[str], typer.Option('--mirror', metavar='URL', env
     show_default=False, help=r"base URL of a mirror holding the official dataset files \[default: zenodo.org]")]
 NoVerifyOpt = Annotated[bool, typer.Option('--no-verify',
     help="skip the MD5 check of dataset files and the check that every image file can be read")]
-ValidPctOpt = Annotated[float, typer.Option('--valid-pct', min=0.05, max=0.5,
-    help="fraction carved for validation when the source's own val split is too small")]
+ValidPctOpt = Annotated[float, typer.Option('--valid-pct',
+    help="fraction carved for validation when the source's own val split is too small, as 1/k folds (0.2: a fifth; 0.15: a seventh)")]
 SeedOpt = Annotated[int, typer.Option('--seed', help="random seed (carved validation split, shuffling, initialisation)")]
 JsonOpt = Annotated[bool, typer.Option('--json', help="print JSON instead of text")]
 DebugOpt = Annotated[bool, typer.Option('--debug', envvar='XRAY_FASTAI_DEBUG',
@@ -216,7 +216,7 @@ MonitorOpt = Annotated[str, typer.Option('--monitor',
 PatienceOpt = Annotated[Optional[int], typer.Option('--patience', show_default=False,
     help="stop after this many epochs without improvement")]
 WdOpt = Annotated[Optional[float], typer.Option('--wd', show_default=False, help="weight decay (fastai's default when unset)")]
-MixupOpt = Annotated[float, typer.Option('--mixup', metavar='ALPHA', min=0.0,
+MixupOpt = Annotated[float, typer.Option('--mixup', metavar='ALPHA',
     help="fastai's MixUp: blend pairs of training images and labels with Beta(ALPHA, ALPHA) weights (0: off; e.g. 0.4)")]
 RecipeOpt = Annotated[Optional[str], typer.Option('--recipe', '-r', show_default=False,
     help="start from a measured recipe: pneumoniamnist (28 px, from scratch) or kermany (--source FOLDER of "
@@ -282,12 +282,12 @@ def train_cmd(ctx:typer.Context, recipe:RecipeOpt=None, source:SourceOpt='pneumo
                   help=r"run folder (must not exist) \[default: runs/<timestamp>-<arch>-<mode>]")]=None,
               resume:Annotated[Optional[Path], typer.Option('--resume', metavar='RUN_DIR', show_default=False,
                   help="continue an interrupted run after its last completed epoch (its own options are used)")]=None,
-              distributed:Annotated[int, typer.Option('--distributed', metavar='N', min=1,
+              distributed:Annotated[int, typer.Option('--distributed', metavar='N',
                   help="start N local processes (one per GPU, else CPU processes) training together with DDP; "
                        "not needed under torchrun / accelerate launch")]=1,
               sync_bn:Annotated[bool, typer.Option('--sync-bn', help="distributed on GPUs: BatchNorm statistics over all processes' batches")]=False):
     "Train a backbone as a fixed feature extractor (--frozen) or fine-tuned, and write a run folder."
-    if distributed > 1 and 'WORLD_SIZE' not in os.environ:  # not yet under a launcher: be one
+    if distributed != 1 and 'WORLD_SIZE' not in os.environ:  # not yet under a launcher: be one (it checks N)
         from xray_fastai.distributed import launch_local
         raise typer.Exit(launch_local(distributed, _without_option(_state['argv'], '--distributed')))
     from xray_fastai import learner
@@ -329,7 +329,7 @@ EvalSourceOpt = Annotated[Optional[str], typer.Option('--source', '--data', '-s'
          r"folder of class folders, is evaluated whole; the threshold is still chosen on the run's own validation "
          r"split) \[default: the run's own]")]
 SplitOpt = Annotated[str, typer.Option('--split', help="split to evaluate on: train, valid or test")]
-TargetRecallOpt = Annotated[float, typer.Option('--target-recall', min=0.0, max=1.0,
+TargetRecallOpt = Annotated[float, typer.Option('--target-recall',
     help="also report the highest threshold whose recall on the validation split reaches this")]
 TtaOpt = Annotated[bool, typer.Option('--tta', help="test-time augmentation: blend predictions over augmented passes")]
 
