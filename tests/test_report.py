@@ -135,10 +135,12 @@ def test_experiment_checks_split_and_recall_before_training(shared_data, tmp_pat
 @pytest.mark.slow
 def test_experiment_grid(mini_npz, tmp_path):
     out = tmp_path/'exp'
-    kw = dict(epochs=1, pretrained=False, verify=False, seed=0, lr=1e-3)
+    kw = dict(epochs=1, pretrained=False, verify=False, seed=0, lr=1e-3, freeze_epochs=1)
     res = experiment(mini_npz, ['resnet34', 'mobilenet_v2'], ['frozen', 'finetune'], out, **kw)
     names = ['resnet34-frozen', 'resnet34-finetune', 'mobilenet_v2-frozen', 'mobilenet_v2-finetune']
     assert [r['run'] for r in res['rows']] == names
+    # the seed report's fine-tune (head-only epochs first) beside frozen runs, which have no such stage
+    assert [load_json(out/n/'config.json')['freeze_epochs'] for n in names] == [0, 1, 0, 1]
     for n in names:
         ev = load_json(out/n/'eval-test'/'metrics.json')
         assert ev['split'] == 'test' and sum(ev['chosen'][k] for k in ('tn', 'fp', 'fn', 'tp')) == 128

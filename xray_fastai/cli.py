@@ -210,7 +210,7 @@ LrOpt = Annotated[Optional[str], typer.Option('--lr', show_default=False,
     help=r"head learning rate, or 'auto' to run lr_find first \[default: 2e-3 pretrained, 1e-2 from scratch]")]
 LrMultOpt = Annotated[Optional[float], typer.Option('--lr-mult', show_default=False,
     help=r"fine-tune: the stem trains at lr/lr-mult, the groups between spread geometrically \[default: 100 pretrained, 1 from scratch]")]
-FreezeEpochsOpt = Annotated[int, typer.Option('--freeze-epochs', help="fine-tune: head-only epochs first")]
+FreezeEpochsOpt = Annotated[int, typer.Option('--freeze-epochs', help="fine-tune runs: epochs of fastai's freeze() first (the head and the body's BatchNorm train)")]
 MonitorOpt = Annotated[str, typer.Option('--monitor',
     help="value that picks the best epoch and drives early stopping: valid_loss, accuracy, recall_score, f1_score, roc_auc_score...")]
 PatienceOpt = Annotated[Optional[int], typer.Option('--patience', show_default=False,
@@ -266,7 +266,7 @@ def _number(v, p):
 @app.command('train', epilog=examples(
     'train --recipe pneumoniamnist   # the measured recipe from scratch on a CPU (bench/ACCURACY.md)',
     'train --arch resnet34 --frozen --no-pretrained --epochs 2',
-    'train --arch mobilenet_v2 --lr 1e-4 --lr-mult 10 --freeze-epochs 1 --epochs 5   # the seed report\'s 1e-4 head / 1e-5 body',
+    'train --arch mobilenet_v2 --lr 1e-4 --lr-mult 10 --freeze-epochs 1 --epochs 5   # the seed report\'s 1e-4 head ... 1e-5 stem',
     'train -s ../chest_xray --size 224 --lr auto --patience 3 --class-weights',
     'train --resume runs/20261128-101500-resnet34-finetune',
     'train --distributed 4 --arch resnet34 --epochs 5   # 4 local processes (GPUs, else CPUs); or: torchrun --nproc_per_node 4 -m xray_fastai.cli train ...'))

@@ -389,7 +389,7 @@ def xray_dataloaders(src:XraySource, # the dataset
                      bs:int=64, # batch size
                      aug:bool=True, # GPU batch augmentation on the training set
                      presize:int=None, # item-level resize on the CPU (default: 1.15x `size` with aug, else `size`)
-                     stats:tuple=None, # normalisation (mean, std); default: see above
+                     stats:tuple=None, # normalisation (mean, std) (default: `GREY_IMAGENET_STATS` when `pretrained`, else `train_stats(src)`)
                      pretrained:bool=False, # whether the model starts from pretrained weights (picks the stats)
                      num_workers:int=None, # DataLoader workers (default: the cores, up to 8, for files on a GPU machine; else 0)
                      cache:bool|str|Path=False, # presize cache for file sources: True (under `data_dir()`) or a folder

@@ -161,7 +161,7 @@ class ResumeCallback(Callback):
 
 # %% ../nbs/03_learner.ipynb #dbeef6d1
 def xray_learner(dls:DataLoaders, # from `xray_dataloaders`
-                 arch:str='resnet34', # `resnet34`, `mobilenet_v2` or any timm model name
+                 arch:str='resnet34', # `resnet34`, `resnet18`, `resnet50`, `mobilenet_v2` or any timm model name
                  frozen:bool=False, # fixed feature extractor: only the head trains
                  pretrained:bool=True, # start from ImageNet weights (downloaded into the torchvision/timm cache)
                  weights:str|Path=None, # local state_dict (backbone or full model) to start from
@@ -400,21 +400,31 @@ def _plot_history(hist:pd.DataFrame, fname):
 def _abs_path(p) -> str: return str(Path(p).expanduser().resolve())
 
 def train_config(source='pneumoniamnist', # `pneumoniamnist[:size]`, an .npz, a folder or a CSV
-                 arch:str='resnet34', # `resnet34`, `mobilenet_v2` or a timm model name
+                 arch:str='resnet34', # `resnet34`, `resnet18`, `resnet50`, `mobilenet_v2` or a timm model name
                  frozen:bool=False, # fixed feature extractor: train only the head
                  epochs:int=5, # epochs (after `freeze_epochs` when fine-tuning)
                  lr:float|str=None, # head learning rate, or 'auto' for `lr_find`'s (default: 2e-3 pretrained, 1e-2 from scratch)
                  lr_mult:float=None, # the stem trains at `lr/lr_mult` (default: 100 pretrained, 1 from scratch)
                  lr_method:str='valley', # `lr_find` suggestion used by `lr='auto'`
-                 freeze_epochs:int=0, # fine-tune: head-only epochs first
-                 bs:int=64, size:int=None, presize:int=None, # batch size, image size (default: native / 224), item resize
-                 aug:bool=True, # GPU batch augmentation
+                 freeze_epochs:int=0, # fine-tune: epochs of fastai's `freeze` first (the head and the body's BatchNorm train)
+                 bs:int=64, # batch size
+                 size:int=None, # input size in px (default: the npz's own, else 224)
+                 presize:int=None, # item resize before batch augmentation (default: 1.15x `size` with aug, else `size`)
+                 aug:bool=True, # batch augmentation (on the GPU when there is one)
                  aug_kwargs:dict=None, # overrides of `XRAY_AUG` (`aug_transforms` arguments), e.g. `{'max_rotate': 5}`
-                 pretrained:bool=True, weights:str=None, # ImageNet weights / a local state_dict
-                 monitor:str='valid_loss', patience:int=None, # best-model and early-stopping monitor and patience
-                 class_weights:bool=False, wd:float=None, seed:int=42, # class-weighted loss, weight decay, seed
+                 pretrained:bool=True, # start from ImageNet weights (downloaded, or `weights`)
+                 weights:str=None, # a local state_dict: ImageNet weights, or with `pretrained=False` an earlier model
+                 monitor:str='valid_loss', # the metric that picks the best epoch (and stops early)
+                 patience:int=None, # stop after this many epochs without improvement (default: never)
+                 class_weights:bool=False, # weight the loss by inverse class frequency
+                 wd:float=None, # weight decay (default: fastai's)
+                 seed:int=42, # seed of the carved validation split, the shuffling and the initialisation
                  mixup:float=0., # fastai's `MixUp` with this Beta(alpha, alpha) when above 0 (e.g. 0.4)
-                 data_dir=None, valid_pct:float=0.2, verify:bool=True, num_workers:int=None, stats=None,
+                 data_dir=None, # dataset cache folder, for named datasets
+                 valid_pct:float=0.2, # validation carved (as 1/k folds) when the source's own val split is too small
+                 verify:bool=True, # check a download's MD5 and that every image file is readable
+                 num_workers:int=None, # DataLoader workers (default: `xray_dataloaders`')
+                 stats=None, # normalisation (mean, std) (default: ImageNet's grey when pretrained, else the train split's)
                  cached_features:bool=None, # frozen + no aug: train the head on features computed once (default: on)
                  cache:bool|str=False, # presize cache: decode and resize each file once (True: in the data cache folder)
                 ) -> dict:

@@ -262,7 +262,7 @@ def experiment(source='pneumoniamnist', # `pneumoniamnist[:size]`, an .npz, a fo
                epochs:int=5, # epochs per run
                split:str='test', # evaluate every run on this split
                target_recall:float=0.95, # recall the chosen threshold must reach on validation
-               **train_kwargs # more `train` options, the same for every run (e.g. `pretrained=False`, `bs`)
+               **train_kwargs # more `train` options for every run (e.g. `pretrained=False`, `bs`); `freeze_epochs` for fine-tuning only
               ) -> dict:
     "Train, evaluate and compare every architecture in every mode; the report goes to `out/report.md`."
     archs, modes, out, split = _names_list(archs), _names_list(modes), Path(out), _split_name(split)
@@ -273,6 +273,7 @@ def experiment(source='pneumoniamnist', # `pneumoniamnist[:size]`, an .npz, a fo
     plan = []
     for arch, mode in itertools.product(archs, modes):
         kw = dict(source=str(source), arch=arch, frozen=mode == 'frozen', epochs=epochs, **train_kwargs)
+        if mode == 'frozen': kw.pop('freeze_epochs', None)  # head-only epochs before fine-tuning: a frozen run is all head
         run = out/f"{arch.replace('/', '_')}-{mode}"
         plan.append((run, kw, _run_state(run, train_config(**kw))))
     _checked_source(train_config(**plan[0][1]), split, target_recall)  # before the first run trains, not after
