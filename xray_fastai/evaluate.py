@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np, pandas as pd, torch
 from fastcore.all import *
-from fastai.vision.all import ClassificationInterpretation, Learner, aug_transforms
+from fastai.vision.all import ClassificationInterpretation, Learner, TensorCategory, aug_transforms
 from .core import *
 from .data import *
 from .data import _split_names
@@ -128,6 +128,13 @@ class PredsInterpretation(ClassificationInterpretation):
         super().__init__(learn, dl, losses)
 
     def decoded(self): return decide(self.preds, self.pos_idx, self.threshold)
+
+    def __getitem__(self, idxs):
+        "Inputs, probabilities, targets, decisions and losses at `idxs`: the predictions in hand, not a new plain pass."
+        idxs = idxs.tolist() if isinstance(idxs, torch.Tensor) else list(idxs) if is_listy(idxs) else [idxs]
+        items = getattr(self.dl.items, 'iloc', L(self.dl.items))[idxs]
+        x = torch.cat([b[0] for b in self.learn.dls.test_dl(items, with_labels=True)])  # the images, as the model sees them
+        return x, self.preds[idxs], TensorCategory(self.targs[idxs].long()), TensorCategory(self.decoded()[idxs]), self.losses[idxs]
 
     def confusion_matrix(self) -> np.ndarray:
         "Confusion matrix (rows actual, columns predicted) as an `np.ndarray`."
