@@ -176,7 +176,7 @@ def batch_tfms_seconds(dl, reps:int=5) -> float:
     return (time.perf_counter() - t0) / reps
 
 
-def cached_features(a, files, tmp:Path, no_workers:bool=False, name='run') -> dict:
+def cached_features(a, files, tmp:Path, name='run') -> dict:
     "(5) `train(frozen=True, aug=False)` (cached features): epoch 1 = feature extraction + head epoch; later epochs."
     csv = tmp/'subset.csv'
     pd.DataFrame(dict(path=[str(f) for f in files], label=[Path(f).parent.name for f in files])).to_csv(csv, index=False)
@@ -184,8 +184,6 @@ def cached_features(a, files, tmp:Path, no_workers:bool=False, name='run') -> di
     def timed(learn, *args, **kwargs):  # time the feature extraction, which happens before the fit (and history.csv)
         t0 = time.perf_counter(); res = feature_learner(learn, *args, **kwargs); spent.append(time.perf_counter() - t0)
         workers.append(res.dls.train.fake_l.num_workers)
-        if no_workers:  # the proposed 03_learner change: features are in-memory tensors, so no worker processes
-            for dl in res.dls.loaders: dl.fake_l.num_workers = 0
         return res
     feature_learner, xl.feature_learner = xl.feature_learner, timed
     try: run = train(out=tmp/name, source=csv, arch=a.arch, frozen=True, aug=False, epochs=a.feature_epochs, bs=a.bs,
@@ -342,10 +340,6 @@ def main(argv=None):
             print(f"(5) cached features, {r['n']} images: epoch 1 {r['first']:.2f} s (extraction {r['extraction']:.2f} s + "
                   f"head {r['epochs'][0]:.2f} s), later epochs {r['later']:.3f} s -> {r['ratio']:.1f}x faster "
                   f"(head DataLoaders: {r['head_workers']} workers)", flush=True)
-            if a.extras and r['head_workers']:
-                r = R['features_w0'] = cached_features(a, files[:a.feature_n], tmp, no_workers=True, name='run_w0')
-                print(f"    same with 0 head workers (proposed fix): epoch 1 {r['first']:.2f} s, later epochs {r['later']:.3f} s "
-                      f"-> {r['ratio']:.1f}x faster", flush=True)
         if '6' in rows:
             pipes, info = fullres_rows(a, tmp)
             R['fullres_info'] = info
@@ -424,14 +418,13 @@ def report(a, mach, R, turns, started, load_start, load_end, wall) -> str:
         if getattr(row, 'batch_tfms', None): note += f"; batch tfms {ms(row.batch_tfms)}/batch"
         add(name, R[k], note)
     if 'forward' in turns: add('forward only (eval, `inference_mode`, in-memory tensors)', R['forward'], spread('forward'))
-    for k, name in (('features', '(5) cached features'), ('features_w0', '(5) same, 0 head workers (proposed fix)')):
-        if k not in R: continue
-        r = R[k]
+    if 'features' in R:
+        r, name = R['features'], '(5) cached features'
         add(f"{name}: epoch 1 (extraction + head)", r['rate'],
             f"{r['n']} images: {r['first']:.2f} s = extraction {r['extraction']:.2f} s + head epoch {r['epochs'][0]:.3f} s")
         L.append(f"| {name}: later epochs | {r['n'] / r['later']:.0f} | {rat(r['n'] / r['later'])} | "
                  f"{r['later']:.3f} s/epoch (history.csv seconds: {', '.join(f'{s:.3f}' for s in r['epochs'])}); "
-                 f"**{r['ratio']:.1f}x** faster than epoch 1; head DataLoaders with {r['head_workers'] if k == 'features' else 0} workers |")
+                 f"**{r['ratio']:.1f}x** faster than epoch 1; head DataLoaders with {r['head_workers']} workers |")
     if 'fullres_info' in R:
         i, u = R['fullres_info'], R['fullres_uncached']
         add('(6) full-res pipeline, uncached', u, f"train DataLoader alone, {i['n_train']} items/epoch "

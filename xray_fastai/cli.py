@@ -196,7 +196,7 @@ WeightsOpt = Annotated[Optional[Path], typer.Option('--weights', metavar='PATH',
 BsOpt = Annotated[int, typer.Option('--bs', help="batch size")]
 SizeOpt = Annotated[Optional[int], typer.Option('--size', show_default=False,
     help=r"image size fed to the model \[default: the dataset's own for .npz, else 224]")]
-AugOpt = Annotated[bool, typer.Option('--aug/--no-aug', help="GPU batch augmentation (no flips; small rotate/zoom/lighting)")]
+AugOpt = Annotated[bool, typer.Option('--aug/--no-aug', help="batch augmentation, on the GPU when there is one (no flips; small rotate/zoom/lighting)")]
 AugParamOpt = Annotated[Optional[list[str]], typer.Option('--aug-param', metavar='KEY=VALUE', show_default=False,
     help="override an augmentation setting (aug_transforms argument), e.g. --aug-param max_rotate=5; repeatable")]
 LrMethodOpt = Annotated[str, typer.Option('--lr-method', help="lr_find suggestion used by --lr auto: valley, slide, minimum or steep")]
@@ -279,12 +279,12 @@ def train_cmd(ctx:typer.Context, recipe:RecipeOpt=None, source:SourceOpt='pneumo
               data_dir:DataDirOpt=None, valid_pct:ValidPctOpt=0.2, no_verify:NoVerifyOpt=False,
               num_workers:WorkersOpt=None,
               out:Annotated[Optional[Path], typer.Option('--out', '-o', show_default=False,
-                  help=r"run folder (must not exist) \[default: runs/<timestamp>-<arch>-<mode>]")]=None,
+                  help=r"run folder (new or empty) \[default: runs/<timestamp>-<arch>-<mode>]")]=None,
               resume:Annotated[Optional[Path], typer.Option('--resume', metavar='RUN_DIR', show_default=False,
                   help="continue an interrupted run after its last completed epoch (its own options are used)")]=None,
               distributed:Annotated[int, typer.Option('--distributed', metavar='N',
                   help="start N local processes (one per GPU, else CPU processes) training together with DDP; "
-                       "not needed under torchrun / accelerate launch")]=1,
+                       "not needed under torchrun or accelerate launch (pip install accelerate)")]=1,
               sync_bn:Annotated[bool, typer.Option('--sync-bn', help="distributed on GPUs: BatchNorm statistics over all processes' batches")]=False):
     "Train a backbone as a fixed feature extractor (--frozen) or fine-tuned, and write a run folder."
     if distributed != 1 and 'WORLD_SIZE' not in os.environ:  # not yet under a launcher: be one (it checks N)
@@ -420,7 +420,7 @@ ModelArg = Annotated[Path, typer.Argument(metavar='MODEL', show_default=False,
 PredictPathsArg = Annotated[list[Path], typer.Argument(metavar='PATH...', show_default=False,
     help="image or DICOM files, folders (searched recursively) and CSV files with a `path` column")]
 PredsOutOpt = Annotated[Path, typer.Option('--out', '-o', metavar='CSV',
-    help="where to write the predictions: path, label, p_pneumonia, error")]
+    help="where to write the predictions: path, label, p_<positive class> (p_pneumonia), error[, gradcam]")]
 GradcamOpt = Annotated[Optional[Path], typer.Option('--gradcam', metavar='DIR', show_default=False,
     help="also write a Grad-CAM overlay (PNG, at the image's size) for every image into DIR")]
 OverwriteOpt = Annotated[bool, typer.Option('--overwrite', help="replace an existing --out CSV (and overlays in --gradcam)")]

@@ -387,7 +387,7 @@ def train_stats(src:XraySource, n:int=512, size:int=64, seed:int=0) -> tuple:
 def xray_dataloaders(src:XraySource, # the dataset
                      size:int=224, # final image size (px) fed to the model
                      bs:int=64, # batch size
-                     aug:bool=True, # GPU batch augmentation on the training set
+                     aug:bool=True, # batch augmentation of the training set (on the GPU when there is one)
                      presize:int=None, # item-level resize on the CPU (default: 1.15x `size` with aug, else `size`)
                      stats:tuple=None, # normalisation (mean, std) (default: `GREY_IMAGENET_STATS` when `pretrained`, else `train_stats(src)`)
                      pretrained:bool=False, # whether the model starts from pretrained weights (picks the stats)
