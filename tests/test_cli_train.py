@@ -62,6 +62,11 @@ def test_offline_pretrained_is_one_line_and_leaves_no_run(run_cli, mini_npz, tmp
     (['--valid-pct', '0.9'], ['--valid-pct must be in (0, 0.5], got 0.9']),
     (['--mixup', '-1'], ['--mixup must be 0 (off) or a positive Beta alpha, got -1']),
     (['--distributed', '0'], ['--distributed must be at least 1, got 0']),
+    (['--num-workers', '-1'], ['--num-workers must be 0 or more, got -1']),
+    (['--lr', 'inf'], ['--lr must be positive']),
+    (['--aug-param', 'xtra_tfms=1'], ["unknown augmentation setting(s) ['xtra_tfms']"]),
+    (['--bs', '1024'], ['--bs 1024 is more than the 512 training images', 'smaller --bs']),  # it trained nothing, exit 0
+    (['--lr', '1e8', '--epochs', '1'], ['training diverged in epoch 1', 'lower --lr than 100000000.0']),
 ])
 def test_bad_train_options(start_cli, mini_npz, tmp_path, args, words):
     r = start_cli('train', '--data', mini_npz, '--no-pretrained', '--out', tmp_path/'run', *args).result()

@@ -156,6 +156,21 @@ def test_ctrl_c_leaves_a_resumable_run(cli_env, mini_npz, tmp_path):
     assert f'xray-fastai train --resume {out}' in stderr and 'Traceback' not in stderr
     assert torch.load(out/'last.pth', weights_only=True)['epoch'] >= 0
 
+def test_ctrl_c_before_the_first_epoch_leaves_nothing(cli_env, mini_npz, tmp_path):
+    "Nothing to resume: the half-made run folder goes (it would block --out), and no --resume is suggested."
+    out = tmp_path/'run'
+    p = _train_proc(cli_env, mini_npz, out, epochs=20)
+    _wait_for(out/'config.json', p)
+    p.send_signal(signal.SIGINT)
+    _, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130 and 'no epoch was completed, so nothing was kept' in stderr, stderr
+    assert '--resume' not in stderr and not out.exists()
+    mine = tmp_path/'mine'; mine.mkdir()  # the user's empty --out stays, empty
+    p = _train_proc(cli_env, mini_npz, mine, epochs=20)
+    _wait_for(mine/'config.json', p)
+    p.send_signal(signal.SIGINT); p.communicate(timeout=120)
+    assert mine.is_dir() and not any(mine.iterdir())
+
 class _Payload:
     "Unpickling this creates a marker file: what a malicious 'checkpoint' would do."
     def __init__(self, marker): self.marker = str(marker)

@@ -98,6 +98,8 @@ def test_train_writes_run_folder(mini_npz, tmp_path):
     names = {p.name for p in run.iterdir()}
     assert {'config.json', 'history.csv', 'best.pth', 'last.pth', 'lr_find.png', 'loss.png', 'metrics.json',
             'model.safetensors', 'model.json'} <= names
+    mode = lambda f: oct((run/f).stat().st_mode & 0o777)
+    assert mode('model.safetensors') == mode('config.json') == mode('last.pth')  # the umask's: others can read the model
     c, m = load_json(run/'config.json'), load_json(run/'metrics.json')
     assert np.isfinite(c['lr']) and c['lr'] > 0 and set(c['lr_suggestions']) == {'valley', 'slide', 'minimum', 'steep'}
     assert (run/'lr_find.png').read_bytes()[:4] == b'\x89PNG'

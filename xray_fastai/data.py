@@ -19,9 +19,9 @@ from .core import *
 
 # %% auto #0
 __all__ = ['CLASSES', 'POSITIVE', 'IMAGE_EXTS', 'GREY_IMAGENET_STATS', 'MEDMNIST_URL', 'PNEUMONIAMNIST_MD5', 'XRAY_AUG',
-           'PRESIZE_CACHE_VERSION', 'pneumoniamnist_fname', 'download', 'open_xray', 'check_image', 'XrayImage',
-           'patient_id', 'XraySource', 'source_id', 'load_source', 'describe', 'ArrayReader', 'presize_cache_path',
-           'presize_cache', 'PresizedReader', 'train_stats', 'xray_dataloaders', 'xray_test_dl']
+           'AUG_FIXED', 'PRESIZE_CACHE_VERSION', 'pneumoniamnist_fname', 'download', 'open_xray', 'check_image',
+           'XrayImage', 'patient_id', 'XraySource', 'source_id', 'load_source', 'describe', 'ArrayReader',
+           'presize_cache_path', 'presize_cache', 'PresizedReader', 'train_stats', 'xray_dataloaders', 'xray_test_dl']
 
 # %% ../nbs/01_data.ipynb #cd335cac
 CLASSES = ['NORMAL', 'PNEUMONIA']
@@ -298,6 +298,7 @@ def describe(src:XraySource, n_sample:int=200) -> dict:
 # %% ../nbs/01_data.ipynb #29876945
 XRAY_AUG = dict(do_flip=False, max_rotate=10., min_zoom=1., max_zoom=1.1, max_lighting=0.2, max_warp=0.,
                 p_affine=0.75, p_lighting=0.75)
+AUG_FIXED = ['size', 'mult', 'xtra_tfms', 'min_scale', 'batch']  # `aug_transforms` arguments that are not X-ray settings
 
 # %% ../nbs/01_data.ipynb #994d4457
 class ArrayReader:
@@ -383,7 +384,7 @@ def train_stats(src:XraySource, n:int=512, size:int=64, seed:int=0) -> tuple:
     return [round(float(px.mean()), 4)], [round(float(px.std()), 4)]
 
 # %% ../nbs/01_data.ipynb #259ad5c2
-@delegates(aug_transforms, but=['size', 'mult', 'xtra_tfms', 'min_scale', 'batch'])
+@delegates(aug_transforms, but=AUG_FIXED)
 def xray_dataloaders(src:XraySource, # the dataset
                      size:int=224, # final image size (px) fed to the model
                      bs:int=64, # batch size

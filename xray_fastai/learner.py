@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np, pandas as pd, torch
 from fastcore.all import *
 from fastai.vision.all import (Learner, Callback, TrainEvalCallback, Recorder, ProgressCallback, SaveModelCallback,
-                               EarlyStoppingCallback, CancelEpochException, DataLoaders,
+                               EarlyStoppingCallback, CancelEpochException, CancelFitException, DataLoaders,
                                CrossEntropyLossFlat, accuracy, Precision, Recall, F1Score, RocAucBinary,
                                vision_learner, set_seed, valley, slide, minimum, steep, params, noop, aug_transforms)
 from fastai.callback.mixup import MixUp
 from fastai.torch_core import IN_NOTEBOOK, rank_distrib, num_distrib
-from safetensors.torch import save_file, load_file
+from safetensors.torch import save, load_file
 from .core import *
 from .data import *
 from .models import *
@@ -27,9 +27,9 @@ from .distributed import *
 # %% auto #0
 __all__ = ['MODEL_META_KEYS', 'LR_METHODS', 'MONITORS', 'RECIPES', 'xray_metrics', 'head_splitter', 'FixedFeatureCallback',
            'EpochLogCallback', 'HistoryCallback', 'save_checkpoint', 'load_checkpoint', 'CheckpointCallback',
-           'BestModelCallback', 'ResumeCallback', 'xray_learner', 'body_features', 'feature_learner', 'new_run_dir',
-           'export_model', 'load_model_dir', 'load_exported', 'check_unchanged_source', 'find_lr', 'train_config',
-           'recipe_kwargs', 'train', 'lr_find_only', 'resume']
+           'DivergenceCallback', 'BestModelCallback', 'ResumeCallback', 'xray_learner', 'body_features',
+           'feature_learner', 'new_run_dir', 'export_model', 'load_model_dir', 'load_exported',
+           'check_unchanged_source', 'find_lr', 'train_config', 'recipe_kwargs', 'train', 'lr_find_only', 'resume']
 
 # %% ../nbs/03_learner.ipynb #31f4f24a
 def xray_metrics(pos_idx:int=1) -> list:
@@ -135,6 +135,14 @@ class CheckpointCallback(Callback):
         if getattr(self.learn, 'replaying', False) or rank_distrib(): return  # rank 0 writes
         save_checkpoint(self.learn, self.path/self.fname, self.epoch, stage=self.stage)
 
+class DivergenceCallback(Callback):
+    "Stop the fit after an epoch whose training left weights that are not finite (too high a learning rate)."
+    order = TrainEvalCallback.order + 1
+    def after_train(self):  # DDP keeps every process's weights equal: all of them stop together, before validating
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            self.learn.diverged = self.epoch
+            raise CancelFitException
+
 class BestModelCallback(SaveModelCallback):
     "`SaveModelCallback` that writes atomically and reloads the best weights with `weights_only=True`."
     def _save(self, name):
@@ -235,7 +243,8 @@ def export_model(learn:Learner, path, config:dict):
     meta = {k: config[k] for k in ('arch', 'size', 'presize', 'aug', 'aug_kwargs', 'stats', 'classes', 'positive')}
     meta.update(n_in=1, draft=bool(config.get('cache')), format='xray-fastai/1')  # draft: trained on draft-decoded JPEGs
     sd = {k: v.contiguous() for k, v in learn.model.state_dict().items()}
-    with atomic_path(path/'model.safetensors') as tmp: save_file(sd, str(tmp))
+    # `save_file` would make the file anew, mode 0600: bytes into the temporary file keep the umask's mode
+    with atomic_path(path/'model.safetensors') as tmp: tmp.write_bytes(save(sd))
     save_json(meta, path/'model.json')
     return path/'model.safetensors'
 
@@ -285,7 +294,8 @@ def _check_options(c:dict):
     check(c['bs'] > 0, f"--bs must be positive, got {c['bs']}")
     check(c['size'] is None or c['size'] >= 16, f"--size must be at least 16 px, got {c['size']}")
     check(c['freeze_epochs'] >= 0, f"--freeze-epochs must be 0 or more, got {c['freeze_epochs']}")
-    check(c['lr'] == 'auto' or float(c['lr']) > 0, f"--lr must be positive or 'auto', got {c['lr']}")
+    check(c['lr'] == 'auto' or 0 < float(c['lr']) < float('inf'), f"--lr must be positive or 'auto', got {c['lr']}")
+    check(c['num_workers'] is None or c['num_workers'] >= 0, f"--num-workers must be 0 or more, got {c['num_workers']}")
     check(c['lr_mult'] > 0, f"--lr-mult must be positive, got {c['lr_mult']}")
     check(c['lr_method'] in LR_METHODS, f"unknown --lr-method {c['lr_method']!r}: use one of {', '.join(LR_METHODS)}")
     check(c['monitor'] in MONITORS, f"unknown --monitor {c['monitor']!r}: use one of {', '.join(MONITORS)}")
@@ -311,6 +321,10 @@ def _build(c:dict, path:Path):
     dls = xray_dataloaders(src, size=c['size'], bs=c['bs'], aug=c['aug'], presize=c['presize'], stats=c['stats'],
                            pretrained=c['pretrained'], num_workers=c['num_workers'], seed=c['seed'],
                            cache=c.get('cache', False), **c['aug_kwargs'])
+    n_train = len(src.items('train'))
+    # fastai drops the last partial batch: with fewer images than --bs an epoch would train on nothing
+    check(len(dls.train), f"--bs {c['bs']} is more than the {n_train} training images, so no batch would train: "
+          "give a smaller --bs")
     c.update(stats=dls.stats, classes=list(dls.vocab), positive=src.positive, valid_origin=src.valid_origin,
              presize=dls.presize, counts=src.counts(), skipped=len(src.skipped))
     learn = xray_learner(dls, c['arch'], frozen=c['frozen'], pretrained=c['pretrained'], weights=c['weights'],
@@ -337,7 +351,7 @@ def _callbacks(c:dict, stage:int, rows:list, ckpt:dict=None) -> list:
     best = BestModelCallback(monitor=c['monitor'], fname='best', reset_on_fit=False)
     earlier = [v for r in rows if r['stage'] < stage and np.isfinite(v := r[c['monitor']])]
     if earlier: best.best = earlier[_best_index(c['monitor'], earlier)]
-    cbs = [HistoryCallback(rows=rows, stage=stage), best, CheckpointCallback(stage=stage)]
+    cbs = [HistoryCallback(rows=rows, stage=stage), best, CheckpointCallback(stage=stage), DivergenceCallback()]
     if c['patience']: cbs.append(EarlyStoppingCallback(monitor=c['monitor'], patience=c['patience']))
     if c.get('mixup'): cbs.append(MixUp(c['mixup']))
     replay = [r for r in rows if r['stage'] == stage]
@@ -370,6 +384,9 @@ def _fit(learn:Learner, c:dict, rows:list=(), ckpt:dict=None, cbs=None) -> Learn
             _set_rng_state(fit_learn, ckpt['rng'])
         stage_cbs = _callbacks(c, stage, rows, ckpt if stage == first else None)
         fit_learn.fit_one_cycle(n, lrs, cbs=stage_cbs + distributed_cbs(c.get('sync_bn', False)) + L(cbs), wd=c['wd'])
+        if getattr(fit_learn, 'diverged', None) is not None:
+            raise XrayError(f"training diverged in epoch {fit_learn.diverged + 1} (the weights are no longer finite numbers): "
+                            f"give a lower --lr than {c['lr']}")
         rows = stage_cbs[0].rows
     return learn
 
@@ -443,7 +460,7 @@ def train_config(source='pneumoniamnist', # `pneumoniamnist[:size]`, an .npz, a 
         except ValueError: raise XrayError(f"--lr must be a number or 'auto', got {c['lr']!r}") from None
     if c['lr_mult'] is None: c['lr_mult'] = 1. if scratch else 100.
     c['aug_kwargs'] = dict(aug_kwargs or {})
-    unknown = set(c['aug_kwargs']) - (set(inspect.signature(aug_transforms).parameters) - {'size'})
+    unknown = set(c['aug_kwargs']) - (set(inspect.signature(aug_transforms).parameters) - set(AUG_FIXED))
     check(not unknown, f"unknown augmentation setting(s) {sorted(unknown)}: use aug_transforms arguments, e.g. max_rotate "
           "(the input size is --size)")
     if c['cached_features'] is None: c['cached_features'] = frozen and not aug
@@ -487,30 +504,30 @@ def train(out=None, # the run folder (default: `runs/<timestamp>-<arch>-<mode>`)
     path = Path(on_rank0(new_run_dir, out, c['arch'], _mode(c['frozen'])))  # rank 0 makes it, every rank gets its name
     if not rank_distrib(): print(f"run folder: {path}", file=sys.stderr)
     t0 = time.perf_counter()
-    try:
+    with _run_guard(path, made='contents' if existed else 'folder'):
         learn = rank0_first(_build, c, path)  # downloads and caches are made once, by rank 0
         if c['lr'] == 'auto':
             c['lr'], c['lr_suggestions'] = on_rank0(find_lr, learn, c['lr_method'], plot=path/'lr_find.png')
-    except BaseException:
-        if not rank_distrib():  # nothing was trained: leave no half-made run (and the user's empty --out as it was)
-            with suppress(OSError):  # a clean-up that fails (a busy mount, a permission) must not hide the real error
-                for p in (path.iterdir() if existed else [path]): shutil.rmtree(p) if p.is_dir() else p.unlink()
-        raise
-    c.update(recipe=recipe, sync_bn=sync_bn, processes=max(1, num_distrib()), versions=_versions(),
-             started=datetime.datetime.now().isoformat(timespec='seconds'))
-    if not rank_distrib(): save_json(c, path/'config.json')
-    with _resume_hint(path): _fit(learn, c, cbs=cbs)
+        c.update(recipe=recipe, sync_bn=sync_bn, processes=max(1, num_distrib()), versions=_versions(),
+                 started=datetime.datetime.now().isoformat(timespec='seconds'))
+        if not rank_distrib(): save_json(c, path/'config.json')
+        _fit(learn, c, cbs=cbs)
     if not rank_distrib(): _finish(learn, c, path, time.perf_counter() - t0)
     write_rank_checksum(learn.model)
     return path
 
 @contextmanager
-def _resume_hint(path):
-    "On Ctrl-C, say how to continue: the last completed epoch is safe in `last.pth`."
+def _run_guard(path, made:str=None): # what this run made: the 'folder', its 'contents' (the user's empty --out), or None
+    "A run stopped before its first epoch is saved leaves nothing it made; after that, Ctrl-C says how to resume."
     try: yield
-    except KeyboardInterrupt:
-        saved = 'the last completed epoch is saved' if (path/'last.pth').exists() else 'no epoch was completed'
-        print(f"\ninterrupted: {saved}; continue with: xray-fastai train --resume {path}", file=sys.stderr)
+    except BaseException as e:
+        saved = (path/'last.pth').exists()
+        if not saved and made and not rank_distrib():  # nothing to resume: a half-made folder would only block --out
+            with suppress(OSError):  # a clean-up that fails (a busy mount, a permission) must not hide the real error
+                for p in (path.iterdir() if made == 'contents' else [path]): shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if isinstance(e, KeyboardInterrupt) and not rank_distrib():
+            print("\ninterrupted: " + (f"the last completed epoch is saved; continue with: xray-fastai train --resume {path}"
+                                       if saved else "no epoch was completed, so nothing was kept"), file=sys.stderr)
         raise
 
 def lr_find_only(plot=None, # where to save the plot (PNG)
@@ -543,7 +560,7 @@ def resume(path, # a run folder written by `train`
     setup_distributed()
     t0 = time.perf_counter()
     learn = rank0_first(_build, c, path)
-    with _resume_hint(path): _fit(learn, c, rows, ckpt, cbs=cbs)
+    with _run_guard(path): _fit(learn, c, rows, ckpt, cbs=cbs)
     if not rank_distrib():
         prior = load_json(path/'metrics.json')['wall_seconds'] if (path/'metrics.json').exists() else 0
         _finish(learn, c, path, time.perf_counter() - t0 + prior)
