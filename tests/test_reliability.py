@@ -101,6 +101,21 @@ def test_structural_problems_are_one_line(shared_data, run_cli, tmp_path, layout
     for w in words: assert w in line, line
     assert str(root) in line
 
+@pytest.mark.parametrize('text,words', [
+    ('', ['could not read', 'EmptyDataError']),
+    ('path,label\na.jpeg,NORMAL\nb.jpeg,PNEUMONIA,test,extra\n', ['could not read', 'ParserError']),
+    ('file,class\na.jpeg,NORMAL\n', ['needs columns path,label[,split]', 'it has file,class']),
+    ('path,label\na.jpeg,NORMAL\n,PNEUMONIA\n', ["the 'path' column has 1 empty cell(s), the first on line 3"]),
+    ('path,label\na.jpeg,NORMAL\nb.jpeg,\n', ["the 'label' column has 1 empty cell(s), the first on line 3"]),
+])
+def test_bad_csv_sources_are_one_line(run_cli, tmp_path, text, words):
+    "What is wrong with a CSV source (data, train, evaluate --source; predict's lists too) is one line naming it, exit 2."
+    (tmp_path/'list.csv').write_text(text)
+    for f in ('a.jpeg', 'b.jpeg'): (tmp_path/f).write_bytes(b'')
+    line = _errline(run_cli('data', 'info', tmp_path/'list.csv'))
+    for w in words: assert w in line, line
+    assert str(tmp_path/'list.csv') in line
+
 def test_save_that_fails_midway_keeps_the_previous_file(tmp_path, monkeypatch):
     from xray_fastai import learner
     target = tmp_path/'last.pth'

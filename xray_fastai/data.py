@@ -20,8 +20,9 @@ from .core import *
 # %% auto #0
 __all__ = ['CLASSES', 'POSITIVE', 'IMAGE_EXTS', 'GREY_IMAGENET_STATS', 'MEDMNIST_URL', 'PNEUMONIAMNIST_MD5', 'XRAY_AUG',
            'AUG_FIXED', 'PRESIZE_CACHE_VERSION', 'pneumoniamnist_fname', 'download', 'open_xray', 'check_image',
-           'XrayImage', 'patient_id', 'XraySource', 'source_id', 'load_source', 'describe', 'ArrayReader',
-           'presize_cache_path', 'presize_cache', 'PresizedReader', 'train_stats', 'xray_dataloaders', 'xray_test_dl']
+           'XrayImage', 'patient_id', 'read_csv_table', 'XraySource', 'source_id', 'load_source', 'describe',
+           'ArrayReader', 'presize_cache_path', 'presize_cache', 'PresizedReader', 'train_stats', 'xray_dataloaders',
+           'xray_test_dl']
 
 # %% ../nbs/01_data.ipynb #cd335cac
 CLASSES = ['NORMAL', 'PNEUMONIA']
@@ -158,10 +159,23 @@ def _read_folder(root:Path) -> pd.DataFrame:
             else _scan_classes(root, 'train'))
     return pd.DataFrame(rows)
 
+def read_csv_table(path:Path, # a CSV file with a header row
+                   need:tuple, # columns that must be there, every cell filled
+                   usage:str, # what the file should hold, for the error message
+                  ) -> pd.DataFrame:
+    "`path` read as text cells; an unreadable file, a missing column or an empty cell is a one-line error."
+    try: df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise XrayError(f"could not read {path} as a CSV file ({type(e).__name__}: {str(e).strip().splitlines()[-1][:120]})") from None
+    check(set(need) <= set(df.columns), f"{path} needs {usage}; it has {','.join(map(str, df.columns)) or 'no columns'}")
+    for c in need:
+        empty = np.flatnonzero(df[c].str.strip() == '')
+        if len(empty): raise XrayError(f"{path}: the {c!r} column has {len(empty)} empty cell(s), the first on line {empty[0] + 2}")
+    return df
+
 def _read_csv(path:Path) -> pd.DataFrame:
-    df = pd.read_csv(path)
-    check({'path', 'label'} <= set(df.columns), f"{path} needs columns path,label[,split]; it has {','.join(df.columns)}")
-    df = df.assign(item=[str((path.parent/p).resolve()) for p in df.path], label=df.label.astype(str))
+    df = read_csv_table(path, ('path', 'label'), 'columns path,label[,split]')
+    df = df.assign(item=[str((path.parent/p).resolve()) for p in df.path])
     if 'split' in df:
         bad = set(df.split.str.lower()) - set(_split_names)
         check(not bad, f"{path}: unknown split(s) {sorted(bad)}; use train, valid (or val) and test")

@@ -46,12 +46,7 @@ def _scan_folder(root:Path) -> list:
 
 def _read_list(csv:Path) -> list:
     "The files listed in the `path` column of `csv`, relative to its folder."
-    try: df = pd.read_csv(csv)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise XrayError(f"could not read {csv} as a CSV file ({type(e).__name__})") from e
-    check('path' in df, f"{csv} needs a 'path' column listing image files; it has {','.join(map(str, df.columns))}")
-    check(df.path.notna().all(), f"{csv}: the 'path' column has empty cells")
-    return [csv.parent/str(p) for p in df.path]
+    return [csv.parent/p for p in read_csv_table(csv, ('path',), "a 'path' column listing image files").path]
 
 def image_paths(paths, # image/DICOM files, folders and CSVs with a `path` column (one, or a list)
                ) -> L:
