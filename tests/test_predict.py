@@ -1,5 +1,5 @@
 "Prediction: files/folders/CSVs, unreadable files, the validation pipeline reproduced, Grad-CAM, DICOM, safe loading."
-import os, pickle, shutil, sys
+import json, os, pickle, shutil, sys
 from pathlib import Path
 
 import numpy as np, pandas as pd, pytest, torch
@@ -168,10 +168,21 @@ def test_gradcam_overlays_have_image_size(run, fullres, tmp_path):
     with pytest.raises(XrayError, match='not empty'): predict(run, files, gradcam=tmp_path/'cam')
     # overlays written inside a predicted folder are not predicted the next time
     (tmp_path/'cam'/'notes.txt').write_text('mine')
+    shutil.copy(df.gradcam[0], tmp_path/'cam'/'2024-01-15-patient7.png')  # the user's, named like an overlay
     again = predict(run, tmp_path, gradcam=tmp_path/'cam', overwrite=True)
     assert sorted(again.path) == sorted(map(str, files[:2]))
-    # --overwrite replaced the earlier overlays (3, now 2) and left the user's file alone
-    assert sorted(f.name for f in (tmp_path/'cam').iterdir()) == sorted([*map(lambda p: Path(p).name, again.gradcam), 'notes.txt'])
+    # --overwrite replaced the earlier overlays (3, now 2), the ones overlays.json listed, and left the user's files alone
+    assert sorted(f.name for f in (tmp_path/'cam').iterdir()) == sorted(
+        [*(Path(p).name for p in again.gradcam), 'notes.txt', '2024-01-15-patient7.png', 'overlays.json'])
+    assert json.loads((tmp_path/'cam'/'overlays.json').read_text()) == [Path(p).name for p in again.gradcam]
+    # a folder that holds no overlays.json is not an earlier prediction's: --overwrite removes nothing from it
+    mine = tmp_path/'mine'; mine.mkdir(); (mine/'0-x.png').write_bytes(b'mine')
+    with pytest.raises(XrayError, match='holds no overlays of an earlier prediction'):
+        predict(run, files, gradcam=mine, overwrite=True)
+    (mine/'overlays.json').write_text('[]')  # ...and an overlay's name taken by the user's file is never overwritten
+    with pytest.raises(XrayError, match='0-x.png is not an overlay of an earlier prediction'):
+        predict(run, files, gradcam=mine, overwrite=True)
+    assert (mine/'0-x.png').read_bytes() == b'mine'
     with pytest.raises(XrayError, match='is a file'): predict(run, files, gradcam=tmp_path/'cam'/'notes.txt')
     with pytest.raises(XrayError, match='does not exist'): predict(tmp_path/'no-run', files, gradcam=tmp_path/'cam2')
     assert not (tmp_path/'cam2').exists()  # nothing made for a prediction that never started

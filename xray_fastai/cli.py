@@ -423,7 +423,7 @@ PredsOutOpt = Annotated[Path, typer.Option('--out', '-o', metavar='CSV',
     help="where to write the predictions: path, label, p_<positive class> (p_pneumonia), error[, gradcam]")]
 GradcamOpt = Annotated[Optional[Path], typer.Option('--gradcam', metavar='DIR', show_default=False,
     help="also write a Grad-CAM overlay (PNG, at the image's size) for every image into DIR")]
-OverwriteOpt = Annotated[bool, typer.Option('--overwrite', help="replace an existing --out CSV (and overlays in --gradcam)")]
+OverwriteOpt = Annotated[bool, typer.Option('--overwrite', help="replace an existing --out CSV, and the overlays an earlier prediction listed in --gradcam's overlays.json")]
 FastDecodeOpt = Annotated[bool, typer.Option('--fast-decode',
     help="decode JPEGs at reduced scale: faster on full-resolution images, but unless the run trained that way "
          "(presize cache) the probabilities differ slightly from its validation's")]

@@ -6,7 +6,6 @@ Docs: https://xray-fastai.github.io/xray-fastai/predict.html.md"""
 
 # %% ../nbs/06_predict.ipynb #fa16d3a5
 from __future__ import annotations
-import re
 from pathlib import Path
 
 import numpy as np, pandas as pd, torch
@@ -22,8 +21,8 @@ from .learner import load_model_dir
 from concurrent.futures import ThreadPoolExecutor  # the standard one: fastcore's (star-imported) maps f(item, *args)
 
 # %% auto #0
-__all__ = ['DICOM_EXTS', 'is_dicom', 'image_paths', 'open_dicom', 'read_xray', 'validation_settings', 'XrayPreprocess',
-           'load_predictor', 'grad_cam', 'cam_overlay', 'save_predictions', 'predict']
+__all__ = ['DICOM_EXTS', 'OVERLAYS', 'is_dicom', 'image_paths', 'open_dicom', 'read_xray', 'validation_settings',
+           'XrayPreprocess', 'load_predictor', 'grad_cam', 'cam_overlay', 'save_predictions', 'predict']
 
 # %% ../nbs/06_predict.ipynb #22f10bf3
 DICOM_EXTS = {'.dcm', '.dicom'}
@@ -199,6 +198,15 @@ def _load_item(fn, pre:XrayPreprocess, draft:bool) -> tuple:
     try: return pre.item(read_xray(fn, draft=pre.item_size if draft else None)), None
     except Exception as e: return None, _why(e)
 
+OVERLAYS = 'overlays.json'  # the overlays `predict` wrote into a Grad-CAM folder: all that --overwrite may remove
+
+def _overlays(folder) -> list|None:
+    "The overlay file names `folder`'s `OVERLAYS` lists (plain names only), or None when it has no such list."
+    try: names = load_json(Path(folder)/OVERLAYS)
+    except (OSError, ValueError): return None
+    if not isinstance(names, list): return None
+    return [n for n in names if isinstance(n, str) and n == Path(n).name and n.endswith('.png')]
+
 def _save_overlay(fn, cam, dest:Path) -> str:
     "Write the Grad-CAM overlay of image `fn` to `dest`; its path, or an error message (starting with `!`)."
     try:
@@ -212,7 +220,7 @@ def predict(model_path, # a run folder, or its `model.safetensors`
             bs:int=64, # batch size
             gradcam=None, # folder for Grad-CAM overlays: one PNG per image, at the image's size
             out=None, # also write the predictions to this CSV
-            overwrite:bool=False, # replace an existing `out` and overlays
+            overwrite:bool=False, # replace an existing `out`, and the overlays `OVERLAYS` lists in `gradcam`
             draft:bool=None, # decode JPEGs at reduced scale (faster); default: as the run did
             num_workers:int=None, # threads reading images (default: the CPU count, at most 8)
             device=None, # where the model runs (default: the GPU if there is one)
@@ -221,22 +229,29 @@ def predict(model_path, # a run folder, or its `model.safetensors`
     check(bs > 0, f"--bs must be positive, got {bs}")
     if out: _check_out(out, overwrite)
     if gradcam:
-        gradcam = check_out_dir(gradcam, 'Grad-CAM folder', 'use --overwrite, or another folder', reuse=overwrite)
+        earlier = _overlays(gradcam)  # the overlays an earlier prediction listed there: --overwrite replaces only those
+        gradcam = check_out_dir(gradcam, 'Grad-CAM folder', "it holds no overlays of an earlier prediction "
+                                f"({OVERLAYS} lists them): choose another folder" if overwrite else
+                                'use --overwrite, or another folder', reuse=overwrite and earlier is not None)
     files = image_paths(paths)
     if gradcam: files = files.filter(lambda f: gradcam.resolve() not in Path(f).resolve().parents)  # earlier overlays
     check(files, f"no images to predict outside the Grad-CAM folder {gradcam}")
     model, meta = load_predictor(model_path)
+    width, written = len(str(len(files) - 1)), []
+    overlay = lambda i: gradcam/f"{i:0{width}d}-{Path(files[i]).stem}.png"
     if gradcam:  # only now that the images and the model are fine
         gradcam.mkdir(parents=True, exist_ok=True)
-        for f in gradcam.glob('*.png'):  # --overwrite: an earlier prediction's overlays go, nothing else
-            if re.fullmatch(r'\d+-.+\.png', f.name): f.unlink()
+        for name in earlier or []: (gradcam/name).unlink(missing_ok=True)
+        (gradcam/OVERLAYS).unlink(missing_ok=True)
+        taken = next((overlay(i) for i in range(len(files)) if overlay(i).exists()), None)  # a file the user put there
+        check(taken is None, f"{taken} is not an overlay of an earlier prediction: choose another Grad-CAM folder")
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     cuda = device.type == 'cuda'
     model = model.to(device).eval().requires_grad_(False)
     if cuda: model = model.to(memory_format=torch.channels_last)
     pre, classes, draft = XrayPreprocess(meta, device), meta['classes'], meta['draft'] if draft is None else draft
     pos_idx, p_col = classes.index(meta['positive']), f"p_{meta['positive'].lower()}"
-    rows, width = [], len(str(len(files) - 1))
+    rows = []
     with ThreadPoolExecutor(num_workers or min(defaults.cpus, 8)) as pool:
         for start in range(0, len(files), bs):
             chunk = files[start:start + bs]
@@ -254,10 +269,11 @@ def predict(model_path, # a run folder, or its `model.safetensors`
             res = {i: dict(label=classes[int(p.argmax())], **{p_col: float(p[pos_idx])}, error='')
                    for i, p in zip(ok, probs if ok else [])}
             if gradcam and ok:
-                dests = [gradcam/f"{start + i:0{width}d}-{Path(chunk[i]).stem}.png" for i in ok]
+                dests = [overlay(start + i) for i in ok]
                 for i, saved in zip(ok, pool.map(_save_overlay, [chunk[i] for i in ok], cams.cpu(), dests)):
                     if saved.startswith('!'): res[i]['error'] = f"Grad-CAM overlay failed: {saved[1:]}"
-                    else: res[i]['gradcam'] = saved
+                    else: res[i]['gradcam'] = saved; written.append(Path(saved).name)
+                save_json(written, gradcam/OVERLAYS)  # after every batch: an interrupted prediction's overlays are listed too
             for i, (fn, (_, err)) in enumerate(zip(chunk, loaded)):
                 rows.append(dict(path=str(fn), **res.get(i, dict(label='', **{p_col: np.nan}, error=err))))
     cols = ['path', 'label', p_col, 'error'] + (['gradcam'] if gradcam else [])
