@@ -186,6 +186,16 @@ def _check_report_dir(out:Path, *marks:str):
     "`out` is new, empty, or holds an earlier report (one of the files `marks`): nothing else gets overwritten."
     check_out_dir(out, hint="it holds no earlier report; choose another --out", reuse=any((out/m).is_file() for m in marks))
 
+def _data_warning(runs:list, split:str) -> list:
+    "A finding that comes first when the runs were trained (and so evaluated) on different data."
+    data = {}
+    for r in runs:
+        c = load_json(r/'config.json') if (r/'config.json').is_file() else {}
+        data.setdefault((c.get('source'), json.dumps(c.get('counts'), sort_keys=True)), []).append(r.name)
+    if len(data) == 1: return []
+    return ["the runs were trained on different data, so their validation and " + split + " metrics are on different "
+            "images and do not compare like for like: " + '; '.join(f"{', '.join(names)}: {src}" for (src, _), names in data.items())]
+
 def compare(run_dirs:list, # finished run folders
             out=None, # write the report files here
             split:str='test', # whose evaluations to compare
@@ -200,7 +210,8 @@ def compare(run_dirs:list, # finished run folders
     check(len(recalls) <= 1, f"the runs were evaluated at different --target-recall ({', '.join(map(str, recalls))}): "
           "evaluate them again at one, so that their chosen thresholds compare")
     for r, name in zip(rows, _names(runs)): r['run'] = name
-    res = dict(split=split, rows=rows, findings=findings(rows, split), table=markdown_table(rows, split), files={})
+    res = dict(split=split, rows=rows, findings=_data_warning(runs, split) + findings(rows, split),
+               table=markdown_table(rows, split), files={})
     if out is None: return res
     out = Path(out)
     files = res['files'] = dict(table=out/'comparison.md', csv=out/'comparison.csv', json=out/'comparison.json',
