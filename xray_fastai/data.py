@@ -225,7 +225,10 @@ class XraySource:
     @property
     def classes(self): return sorted(self.df.label.unique())
     @property
-    def positive(self): return POSITIVE if POSITIVE in self.classes else self.classes[-1]
+    def positive(self):
+        if POSITIVE in self.classes: return POSITIVE
+        findings = [c for c in self.classes if c.lower() != 'normal']
+        return findings[0] if len(findings) == 1 else self.classes[-1]
     def items(self, split): return self.df[self.df.split == split]
     def counts(self, col='split') -> dict:
         "Images per class in each split (`col='orig_split'` for the splits as found on disk)."
