@@ -160,6 +160,7 @@ def test_sigkill_then_resume(cli_env, mini_npz, run_cli, tmp_path):
     assert list(hist.epoch) == [0, 1, 2]  # each epoch once
     m = load_json(out/'metrics.json')
     assert m['epochs'] == 3 and 0 <= m['best_epoch'] < 3 and 0 <= m['best']['accuracy'] <= 1
+    assert m['wall_seconds'] >= hist.seconds.sum()  # the killed session's epochs count too
 
 def test_ctrl_c_leaves_a_resumable_run(cli_env, mini_npz, tmp_path):
     out = tmp_path/'run'

@@ -128,12 +128,15 @@ def load_checkpoint(path) -> dict:
 
 # %% ../nbs/03_learner.ipynb #4c354689
 class CheckpointCallback(Callback):
-    "Save `last.pth` (resumable: model, optimizer, epoch, random states) after every completed epoch."
+    "Save `last.pth` (resumable: model, optimizer, epoch, random states, time so far) after every completed epoch."
     order = SaveModelCallback.order + 1  # after best.pth is written; before early stopping can end the fit unsaved
-    def __init__(self, fname='last.pth', stage:int=0): store_attr()
+    def __init__(self, fname='last.pth', stage:int=0,
+                 started:float=None): # `time.perf_counter()` when the run started, earlier sessions' time subtracted
+        store_attr()
     def after_epoch(self):
         if getattr(self.learn, 'replaying', False) or rank_distrib(): return  # rank 0 writes
-        save_checkpoint(self.learn, self.path/self.fname, self.epoch, stage=self.stage)
+        wall = None if self.started is None else time.perf_counter() - self.started
+        save_checkpoint(self.learn, self.path/self.fname, self.epoch, stage=self.stage, wall=wall)
 
 class DivergenceCallback(Callback):
     "Stop the fit after an epoch whose training left weights that are not finite (too high a learning rate)."
@@ -346,12 +349,12 @@ def _best_index(monitor:str, values) -> int:
     "Index of the best of `values` of `monitor`: the lowest loss, or the highest metric."
     return int((np.argmin if monitor == 'valid_loss' else np.argmax)(values))
 
-def _callbacks(c:dict, stage:int, rows:list, ckpt:dict=None) -> list:
+def _callbacks(c:dict, stage:int, rows:list, ckpt:dict=None, started:float=None) -> list:
     # one best model across the stages: the exported model is then the epoch that metrics.json calls best
     best = BestModelCallback(monitor=c['monitor'], fname='best', reset_on_fit=False)
     earlier = [v for r in rows if r['stage'] < stage and np.isfinite(v := r[c['monitor']])]
     if earlier: best.best = earlier[_best_index(c['monitor'], earlier)]
-    cbs = [HistoryCallback(rows=rows, stage=stage), best, CheckpointCallback(stage=stage), DivergenceCallback()]
+    cbs = [HistoryCallback(rows=rows, stage=stage), best, CheckpointCallback(stage=stage, started=started), DivergenceCallback()]
     if c['patience']: cbs.append(EarlyStoppingCallback(monitor=c['monitor'], patience=c['patience']))
     if c.get('mixup'): cbs.append(MixUp(c['mixup']))
     replay = [r for r in rows if r['stage'] == stage]
@@ -365,7 +368,7 @@ def _stages(c:dict) -> list:
     return ([(c['freeze_epochs'], lr, 'freeze')] if c['freeze_epochs'] else []) + \
            [(c['epochs'], slice(lr / c['lr_mult'], lr), 'unfreeze')]
 
-def _fit(learn:Learner, c:dict, rows:list=(), ckpt:dict=None, cbs=None) -> Learner:
+def _fit(learn:Learner, c:dict, rows:list=(), ckpt:dict=None, cbs=None, started:float=None) -> Learner:
     "Run the training stages of config `c`; with `ckpt`, continue after its epoch, replaying `rows`."
     first = (ckpt or {}).get('stage', 0)
     # a row written after the checkpoint (killed in between) is trained again, not replayed
@@ -382,7 +385,7 @@ def _fit(learn:Learner, c:dict, rows:list=(), ckpt:dict=None, cbs=None) -> Learn
             fit_learn.model.load_state_dict(ckpt['model'])
             if ckpt['opt']: fit_learn.opt.load_state_dict({**ckpt['opt'], 'hypers': L(ckpt['opt']['hypers'])})
             _set_rng_state(fit_learn, ckpt['rng'])
-        stage_cbs = _callbacks(c, stage, rows, ckpt if stage == first else None)
+        stage_cbs = _callbacks(c, stage, rows, ckpt if stage == first else None, started)
         fit_learn.fit_one_cycle(n, lrs, cbs=stage_cbs + distributed_cbs(c.get('sync_bn', False)) + L(cbs), wd=c['wd'])
         if getattr(fit_learn, 'diverged', None) is not None:
             raise XrayError(f"training diverged in epoch {fit_learn.diverged + 1} (the weights are no longer finite numbers): "
@@ -511,7 +514,7 @@ def train(out=None, # the run folder (default: `runs/<timestamp>-<arch>-<mode>`)
         c.update(recipe=recipe, sync_bn=sync_bn, processes=max(1, num_distrib()), versions=_versions(),
                  started=datetime.datetime.now().isoformat(timespec='seconds'))
         if not rank_distrib(): save_json(c, path/'config.json')
-        _fit(learn, c, cbs=cbs)
+        _fit(learn, c, cbs=cbs, started=t0)
     if not rank_distrib(): _finish(learn, c, path, time.perf_counter() - t0)
     write_rank_checksum(learn.model)
     return path
@@ -559,10 +562,9 @@ def resume(path, # a run folder written by `train`
     rows = pd.read_csv(path/'history.csv').to_dict('records') if (path/'history.csv').exists() else []
     setup_distributed()
     t0 = time.perf_counter()
+    prior = ckpt.get("wall") or 0  # the time until the last saved epoch (older checkpoints lack it)
     learn = rank0_first(_build, c, path)
-    with _run_guard(path): _fit(learn, c, rows, ckpt, cbs=cbs)
-    if not rank_distrib():
-        prior = load_json(path/'metrics.json')['wall_seconds'] if (path/'metrics.json').exists() else 0
-        _finish(learn, c, path, time.perf_counter() - t0 + prior)
+    with _run_guard(path): _fit(learn, c, rows, ckpt, cbs=cbs, started=t0 - prior)
+    if not rank_distrib(): _finish(learn, c, path, time.perf_counter() - t0 + prior)
     write_rank_checksum(learn.model)
     return path
