@@ -1,5 +1,5 @@
 "Prediction: files/folders/CSVs, unreadable files, the validation pipeline reproduced, Grad-CAM, DICOM, safe loading."
-import json, os, pickle, shutil, sys
+import json, os, pickle, shutil, sys, warnings
 from pathlib import Path
 
 import numpy as np, pandas as pd, pytest, torch
@@ -186,6 +186,16 @@ def test_gradcam_overlays_have_image_size(run, fullres, tmp_path):
     with pytest.raises(XrayError, match='is a file'): predict(run, files, gradcam=tmp_path/'cam'/'notes.txt')
     with pytest.raises(XrayError, match='does not exist'): predict(tmp_path/'no-run', files, gradcam=tmp_path/'cam2')
     assert not (tmp_path/'cam2').exists()  # nothing made for a prediction that never started
+
+def test_grad_cam_warns_when_it_cannot_localise():
+    "At 28 px a resnet's last feature map is 1x1: the overlay is one flat colour, and the user is told why."
+    from xray_fastai.models import build_model
+    model = build_model('resnet18', pretrained=False).eval()
+    with pytest.warns(UserWarning, match='last feature map is 1x1 at 28 px'): _, cams = grad_cam(model, torch.randn(2, 1, 28, 28), 1)
+    assert cams.shape == (2, 1, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # at 64 px (2x2) there is something to localise: no warning
+        grad_cam(model, torch.randn(2, 1, 64, 64), 1)
 
 def test_grad_cam_is_grad_cam(run, fullres):
     "On the run's resnet34, the hook-based maps equal Grad-CAM computed by hand, and do not depend on the batch."

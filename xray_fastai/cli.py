@@ -135,7 +135,7 @@ def _size_text(d:dict, n:int) -> str:
 def format_info(d:dict) -> str:
     "The text `xray-fastai data info` prints for a `describe` dict."
     classes, pats = d['classes'], d['patients']
-    w = max(8, *(len(c) + 2 for c in classes))
+    w = max(10, *(len(c) + 2 for c in classes))  # 'patients' and two spaces fit
     def row(name, cells): return f"  {name:<8}" + ''.join(f"{str(c):>{w}}" for c in cells)
     def rows(counts, with_pats=False):
         return [row(s, [c[k] for k in classes] + [sum(c.values())] + ([pats.get(s, '')] if with_pats and pats else []))

@@ -104,7 +104,7 @@ def layer_groups(arch:str, # a name `resolve_arch` knows
 # %% ../nbs/02_models.ipynb #e5dd1465
 def _read_state_dict(path:Path) -> dict:
     "Tensors saved at `path` (torch or safetensors), without unpickling any Python object."
-    check(path.is_file(), f"weights file not found: {path}")
+    check(path.is_file(), f"weights file {path} " + ("is a folder: give the file" if path.is_dir() else "not found"))
     try: sd = load_file(path) if path.suffix == '.safetensors' else torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # anything a damaged or foreign file makes torch or safetensors raise
         if 'global' in str(e).lower():  # torch's refusal of a pickle that names Python objects (code it would run)

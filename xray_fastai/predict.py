@@ -6,6 +6,7 @@ Docs: https://xray-fastai.github.io/xray-fastai/predict.html.md"""
 
 # %% ../nbs/06_predict.ipynb #fa16d3a5
 from __future__ import annotations
+import warnings
 from pathlib import Path
 
 import numpy as np, pandas as pd, torch
@@ -159,6 +160,8 @@ def grad_cam(model, # `Sequential(body, head)`, in eval mode
         logits = model(xb)
         acts = hook.stored
         check(acts.ndim == 4, f"Grad-CAM needs a convolutional body; this one outputs shape {tuple(acts.shape)}")
+        if acts.shape[-2:] == (1, 1): warnings.warn(f"the body's last feature map is 1x1 at {xb.shape[-1]} px input, so the "
+                                                     "Grad-CAM overlays are one flat colour: train at a larger --size to localise")
         grads, = torch.autograd.grad(logits[:, pos_idx].sum(), acts)  # samples are independent in eval mode
     acts, grads, logits = (t.detach().float().as_subclass(torch.Tensor) for t in (acts, grads, logits))
     cam = F.relu((grads.mean((2, 3), keepdim=True) * acts).sum(1))
