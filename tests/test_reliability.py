@@ -105,8 +105,8 @@ def test_structural_problems_are_one_line(shared_data, run_cli, tmp_path, layout
     ('', ['could not read', 'EmptyDataError']),
     ('path,label\na.jpeg,NORMAL\nb.jpeg,PNEUMONIA,test,extra\n', ['could not read', 'ParserError']),
     ('file,class\na.jpeg,NORMAL\n', ['needs columns path,label[,split]', 'it has file,class']),
-    ('path,label\na.jpeg,NORMAL\n,PNEUMONIA\n', ["the 'path' column has 1 empty cell(s), the first on line 3"]),
-    ('path,label\na.jpeg,NORMAL\nb.jpeg,\n', ["the 'label' column has 1 empty cell(s), the first on line 3"]),
+    ('path,label\na.jpeg,NORMAL\n,PNEUMONIA\n', ["the 'path' column has 1 empty cell(s), the first in data row 2"]),
+    ('path,label\na.jpeg,NORMAL\n\nb.jpeg, \n', ["the 'label' column has 1 empty cell(s), the first in data row 2"]),
 ])
 def test_bad_csv_sources_are_one_line(run_cli, tmp_path, text, words):
     "What is wrong with a CSV source (data, train, evaluate --source; predict's lists too) is one line naming it, exit 2."
@@ -142,9 +142,9 @@ def _wait_for(path, proc, timeout=240):
         assert time.time() - t0 < timeout, f'{path} never appeared'
         time.sleep(0.2)
 
-def _train_proc(cli_env, mini_npz, out, epochs=3):
+def _train_proc(cli_env, mini_npz, out, epochs=3, size=28):
     args = [sys.executable, '-m', 'xray_fastai.cli', 'train', '--data', str(mini_npz), '--no-pretrained', '--no-verify',
-            '--arch', 'resnet34', '--epochs', str(epochs), '--bs', '64', '--seed', '1', '--out', str(out)]
+            '--arch', 'resnet34', '--epochs', str(epochs), '--bs', '64', '--seed', '1', '--size', str(size), '--out', str(out)]
     return subprocess.Popen(args, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 def test_sigkill_then_resume(cli_env, mini_npz, run_cli, tmp_path):
@@ -154,13 +154,15 @@ def test_sigkill_then_resume(cli_env, mini_npz, run_cli, tmp_path):
     p.kill(); p.communicate()
     done = len(pd.read_csv(out/'history.csv'))
     assert 1 <= done < 3 and not (out/'metrics.json').exists()
+    before = torch.load(out/'last.pth', weights_only=True)['wall']  # the killed session's time, up to its last epoch
+    assert before >= pd.read_csv(out/'history.csv').seconds[:done].sum()
     r = run_cli('train', '--resume', out)
     assert r.returncode == 0, r.stderr
     hist = pd.read_csv(out/'history.csv')
     assert list(hist.epoch) == [0, 1, 2]  # each epoch once
     m = load_json(out/'metrics.json')
     assert m['epochs'] == 3 and 0 <= m['best_epoch'] < 3 and 0 <= m['best']['accuracy'] <= 1
-    assert m['wall_seconds'] >= hist.seconds.sum()  # the killed session's epochs count too
+    assert m['wall_seconds'] >= before + hist.seconds[done:].sum()  # the killed session's time counts too
 
 def test_ctrl_c_leaves_a_resumable_run(cli_env, mini_npz, tmp_path):
     out = tmp_path/'run'
@@ -175,14 +177,14 @@ def test_ctrl_c_leaves_a_resumable_run(cli_env, mini_npz, tmp_path):
 def test_ctrl_c_before_the_first_epoch_leaves_nothing(cli_env, mini_npz, tmp_path):
     "Nothing to resume: the half-made run folder goes (it would block --out), and no --resume is suggested."
     out = tmp_path/'run'
-    p = _train_proc(cli_env, mini_npz, out, epochs=20)
+    p = _train_proc(cli_env, mini_npz, out, epochs=20, size=112)  # a long first epoch: the signal lands inside it
     _wait_for(out/'config.json', p)
     p.send_signal(signal.SIGINT)
     _, stderr = p.communicate(timeout=120)
     assert p.returncode == 130 and 'no epoch was completed, so nothing was kept' in stderr, stderr
     assert '--resume' not in stderr and not out.exists()
     mine = tmp_path/'mine'; mine.mkdir()  # the user's empty --out stays, empty
-    p = _train_proc(cli_env, mini_npz, mine, epochs=20)
+    p = _train_proc(cli_env, mini_npz, mine, epochs=20, size=112)
     _wait_for(mine/'config.json', p)
     p.send_signal(signal.SIGINT); p.communicate(timeout=120)
     assert mine.is_dir() and not any(mine.iterdir())

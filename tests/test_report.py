@@ -74,9 +74,12 @@ def test_compare_fake_runs(fake_runs, tmp_path):
     out = tmp_path/'cmp'
     for f in ('curves.png', 'roc.png'): assert (out/f).read_bytes()[:8] == PNG
     # runs trained on other data: said first, since every ranking below compares different images
-    for r, src in zip(fake_runs, ('/d/one.npz', '/d/one.npz', '/d/two.npz')): save_json(dict(source=src, counts={}), r/'config.json')
+    for r, src, n in zip(fake_runs, ('/d/one.npz', 'one', '/d/two.npz'), (1, 1, 2)):
+        save_json(dict(source=src, counts={'train': {'NORMAL': n}}), r/'config.json')
     assert compare(fake_runs)['findings'][0] == ("the runs were trained on different data, so their validation and test "
         "metrics are on different images and do not compare like for like: a, b: /d/one.npz; c: /d/two.npz")
+    (fake_runs[2]/'config.json').write_text('{"damaged')  # unknown data: a group of its own, no traceback
+    assert compare(fake_runs)['findings'][0].endswith('a, b: /d/one.npz; c: None')
     csv = pd.read_csv(out/'comparison.csv')
     assert list(csv.run) == ['a', 'b', 'c'] and csv.seconds_per_epoch.tolist() == [2.0, 0.5, 1.0]
     assert load_json(out/'comparison.json')['findings'] == res['findings']

@@ -287,7 +287,8 @@ def train_cmd(ctx:typer.Context, recipe:RecipeOpt=None, source:SourceOpt='pneumo
                        "not needed under torchrun or accelerate launch (pip install accelerate)")]=1,
               sync_bn:Annotated[bool, typer.Option('--sync-bn', help="distributed on GPUs: BatchNorm statistics over all processes' batches")]=False):
     "Train a backbone as a fixed feature extractor (--frozen) or fine-tuned, and write a run folder."
-    if distributed != 1 and 'WORLD_SIZE' not in os.environ:  # not yet under a launcher: be one (it checks N)
+    check(distributed >= 1, f"--distributed must be at least 1, got {distributed}")
+    if distributed > 1 and 'WORLD_SIZE' not in os.environ:  # not yet under a launcher: be one
         from xray_fastai.distributed import launch_local
         raise typer.Exit(launch_local(distributed, _without_option(_state['argv'], '--distributed')))
     from xray_fastai import learner

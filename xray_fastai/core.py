@@ -6,7 +6,7 @@ Docs: https://xray-fastai.github.io/xray-fastai/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #17447a59
 from __future__ import annotations
-import glob, hashlib, json, os, tempfile, time
+import hashlib, json, os, re, tempfile, time
 from contextlib import contextmanager
 from pathlib import Path
 from fastcore.imports import IN_NOTEBOOK
@@ -39,10 +39,13 @@ def check_out_dir(out, # a folder about to be written into
 _UMASK = os.umask(0); os.umask(_UMASK)
 STALE_TMP_SECONDS = 3600  # a partial file untouched this long belongs to a killed process (writers touch theirs)
 
-def remove_stale_tmp(path, max_age:float=STALE_TMP_SECONDS) -> list:
-    "Delete the partial files that killed writes of `path` left beside it (`.NAME.*.tmp`, untouched for `max_age` s)."
-    path, now, gone = Path(path), time.time(), []
-    for f in path.parent.glob(f'.{glob.escape(path.name)}.*.tmp'):
+_swept = set()  # folders this process has cleaned: one listing per folder, not one per file written (10k overlays)
+
+def remove_stale_tmp(folder, max_age:float=STALE_TMP_SECONDS) -> list:
+    "Delete the partial files killed atomic writes left in `folder` (`.NAME.XXXXXXXX.tmp`, untouched for `max_age` s)."
+    now, gone = time.time(), []
+    for f in Path(folder).glob('.*.tmp'):
+        if not re.fullmatch(r'\..+\.[a-z0-9_]{8}\.tmp', f.name): continue  # only what `mkstemp` below names
         try:
             if now - f.stat().st_mtime > max_age: f.unlink(); gone.append(f)
         except FileNotFoundError: pass  # another process cleaned it first
@@ -53,7 +56,8 @@ def atomic_path(path):
     "Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_tmp(path)  # a SIGKILL skips the clean-up below: a download or cache can leave gigabytes behind
+    if path.parent not in _swept:  # a SIGKILL skips the clean-up below: a download or cache can leave gigabytes behind
+        remove_stale_tmp(path.parent); _swept.add(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_UMASK)  # as `open` would make it: mkstemp's 0600 would hide caches and runs from others

@@ -164,13 +164,13 @@ def read_csv_table(path:Path, # a CSV file with a header row
                    usage:str, # what the file should hold, for the error message
                   ) -> pd.DataFrame:
     "`path` read as text cells; an unreadable file, a missing column or an empty cell is a one-line error."
-    try: df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    try: df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise XrayError(f"could not read {path} as a CSV file ({type(e).__name__}: {str(e).strip().splitlines()[-1][:120]})") from None
     check(set(need) <= set(df.columns), f"{path} needs {usage}; it has {','.join(map(str, df.columns)) or 'no columns'}")
     for c in need:
         empty = np.flatnonzero(df[c].str.strip() == '')
-        if len(empty): raise XrayError(f"{path}: the {c!r} column has {len(empty)} empty cell(s), the first on line {empty[0] + 2}")
+        if len(empty): raise XrayError(f"{path}: the {c!r} column has {len(empty)} empty cell(s), the first in data row {empty[0] + 1}")
     return df
 
 def _read_csv(path:Path) -> pd.DataFrame:

@@ -320,9 +320,9 @@ def ensemble(run_dirs:list, # run folders written by `train`, validated on the s
     c = cs[0]
     for r, o in zip(runs[1:], cs[1:]):
         check(o['classes'] == c['classes'], f"{r} was trained on classes {o['classes']}, {runs[0]} on {c['classes']}")
-        check((o['source'], o.get('counts')) == (c['source'], c.get('counts')), f"{r} was trained on {o['source']}, "
-              f"{runs[0]} on {c['source']}" + (" with other images per split" if o['source'] == c['source'] else "") +
-              ": an ensemble's members are trained on the same data")
+        # the images per split identify the data (a name, its :28 size and its cached path are the same data)
+        check(o.get('counts') == c.get('counts'), f"{r} was trained on {o['source']}, {runs[0]} on {c['source']}, with "
+              "other images per split: an ensemble's members are trained on the same data")
         check(o['valid_origin'] == c['valid_origin'], f"{r} was validated on {o['valid_origin']}, {runs[0]} on "
               f"{c['valid_origin']}: ensemble runs validated on the same split (for a carved one, the same --seed)")
     srcs = _checked_source(c, split, target_recall, source, data_dir)

@@ -324,10 +324,13 @@ def _build(c:dict, path:Path):
     dls = xray_dataloaders(src, size=c['size'], bs=c['bs'], aug=c['aug'], presize=c['presize'], stats=c['stats'],
                            pretrained=c['pretrained'], num_workers=c['num_workers'], seed=c['seed'],
                            cache=c.get('cache', False), **c['aug_kwargs'])
-    n_train = len(src.items('train'))
-    # fastai drops the last partial batch: with fewer images than --bs an epoch would train on nothing
-    check(len(dls.train), f"--bs {c['bs']} is more than the {n_train} training images, so no batch would train: "
-          "give a smaller --bs")
+    # fastai drops each process's last partial batch: with fewer images than --bs an epoch would train on nothing
+    n_train, procs = len(src.items('train')), max(1, num_distrib())
+    check(-(-n_train // procs) >= c['bs'], f"--bs {c['bs']} is more than the {n_train} training images" +
+          (f" ({-(-n_train // procs)} per process)" if procs > 1 else '') + ", so no batch would train: give a smaller --bs")
+    if 'positive' in c:  # resuming a run made when classes without PNEUMONIA took the last name as positive
+        check(c['positive'] == src.positive, f"this run's positive class is {c['positive']}, but this version of "
+              f"xray-fastai takes {src.positive}: finish the run with the version that started it, or start it again")
     c.update(stats=dls.stats, classes=list(dls.vocab), positive=src.positive, valid_origin=src.valid_origin,
              presize=dls.presize, counts=src.counts(), skipped=len(src.skipped))
     learn = xray_learner(dls, c['arch'], frozen=c['frozen'], pretrained=c['pretrained'], weights=c['weights'],
@@ -374,6 +377,7 @@ def _fit(learn:Learner, c:dict, rows:list=(), ckpt:dict=None, cbs=None, started:
     # a row written after the checkpoint (killed in between) is trained again, not replayed
     rows = [r for r in rows if ckpt and (r['stage'], r['stage_epoch']) <= (first, ckpt['epoch'])]
     for stage, (n, lrs, how) in enumerate(_stages(c)):
+        done = sum(k for k, _, _ in _stages(c)[:stage])  # epochs of the stages before this one
         if stage < first: continue
         if how == 'freeze': learn.freeze()
         elif how == 'unfreeze': learn.unfreeze()
@@ -388,8 +392,8 @@ def _fit(learn:Learner, c:dict, rows:list=(), ckpt:dict=None, cbs=None, started:
         stage_cbs = _callbacks(c, stage, rows, ckpt if stage == first else None, started)
         fit_learn.fit_one_cycle(n, lrs, cbs=stage_cbs + distributed_cbs(c.get('sync_bn', False)) + L(cbs), wd=c['wd'])
         if getattr(fit_learn, 'diverged', None) is not None:
-            raise XrayError(f"training diverged in epoch {fit_learn.diverged + 1} (the weights are no longer finite numbers): "
-                            f"give a lower --lr than {c['lr']}")
+            raise XrayError(f"training diverged in epoch {done + fit_learn.diverged + 1} (the weights are no longer finite "
+                            f"numbers): start again with a lower --lr than {c['lr']}")
         rows = stage_cbs[0].rows
     return learn
 

@@ -233,8 +233,8 @@ def predict(model_path, # a run folder, or its `model.safetensors`
     if out: _check_out(out, overwrite)
     if gradcam:
         earlier = _overlays(gradcam)  # the overlays an earlier prediction listed there: --overwrite replaces only those
-        gradcam = check_out_dir(gradcam, 'Grad-CAM folder', "it holds no overlays of an earlier prediction "
-                                f"({OVERLAYS} lists them): choose another folder" if overwrite else
+        gradcam = check_out_dir(gradcam, 'Grad-CAM folder', f"it has no {OVERLAYS} listing an earlier prediction's "
+                                "overlays, and --overwrite replaces only those: choose another folder" if overwrite else
                                 'use --overwrite, or another folder', reuse=overwrite and earlier is not None)
     files = image_paths(paths)
     if gradcam: files = files.filter(lambda f: gradcam.resolve() not in Path(f).resolve().parents)  # earlier overlays
@@ -243,11 +243,11 @@ def predict(model_path, # a run folder, or its `model.safetensors`
     width, written = len(str(len(files) - 1)), []
     overlay = lambda i: gradcam/f"{i:0{width}d}-{Path(files[i]).stem}.png"
     if gradcam:  # only now that the images and the model are fine
-        gradcam.mkdir(parents=True, exist_ok=True)
+        taken = next((o for o in map(overlay, range(len(files))) if o.exists() and o.name not in (earlier or [])), None)
+        check(taken is None, f"{taken} is not an overlay of an earlier prediction: choose another Grad-CAM folder")
+        gradcam.mkdir(parents=True, exist_ok=True)  # checked: now the earlier overlays may go
         for name in earlier or []: (gradcam/name).unlink(missing_ok=True)
         (gradcam/OVERLAYS).unlink(missing_ok=True)
-        taken = next((overlay(i) for i in range(len(files)) if overlay(i).exists()), None)  # a file the user put there
-        check(taken is None, f"{taken} is not an overlay of an earlier prediction: choose another Grad-CAM folder")
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     cuda = device.type == 'cuda'
     model = model.to(device).eval().requires_grad_(False)

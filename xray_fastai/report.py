@@ -190,11 +190,14 @@ def _data_warning(runs:list, split:str) -> list:
     "A finding that comes first when the runs were trained (and so evaluated) on different data."
     data = {}
     for r in runs:
-        c = load_json(r/'config.json') if (r/'config.json').is_file() else {}
-        data.setdefault((c.get('source'), json.dumps(c.get('counts'), sort_keys=True)), []).append(r.name)
+        try: c = load_json(r/'config.json')
+        except (OSError, ValueError): c = {}
+        c = c if isinstance(c, dict) else {}
+        data.setdefault(json.dumps(c.get('counts'), sort_keys=True), {})[r.name] = c.get('source')  # counts identify the data
     if len(data) == 1: return []
     return ["the runs were trained on different data, so their validation and " + split + " metrics are on different "
-            "images and do not compare like for like: " + '; '.join(f"{', '.join(names)}: {src}" for (src, _), names in data.items())]
+            "images and do not compare like for like: " + '; '.join(', '.join(names) + f": {next(iter(names.values()))}"
+                                                                for names in data.values())]
 
 def compare(run_dirs:list, # finished run folders
             out=None, # write the report files here
