@@ -176,7 +176,7 @@ def batch_tfms_seconds(dl, reps:int=5) -> float:
     return (time.perf_counter() - t0) / reps
 
 
-def cached_features(a, files, tmp:Path, name='run') -> dict:
+def cached_features(a, files, tmp:Path) -> dict:
     "(5) `train(frozen=True, aug=False)` (cached features): epoch 1 = feature extraction + head epoch; later epochs."
     csv = tmp/'subset.csv'
     pd.DataFrame(dict(path=[str(f) for f in files], label=[Path(f).parent.name for f in files])).to_csv(csv, index=False)
@@ -186,7 +186,7 @@ def cached_features(a, files, tmp:Path, name='run') -> dict:
         workers.append(res.dls.train.fake_l.num_workers)
         return res
     feature_learner, xl.feature_learner = xl.feature_learner, timed
-    try: run = train(out=tmp/name, source=csv, arch=a.arch, frozen=True, aug=False, epochs=a.feature_epochs, bs=a.bs,
+    try: run = train(out=tmp/'run', source=csv, arch=a.arch, frozen=True, aug=False, epochs=a.feature_epochs, bs=a.bs,
                      size=a.size, pretrained=False, num_workers=a.num_workers)
     finally: xl.feature_learner = feature_learner
     hist = pd.read_csv(run/'history.csv')

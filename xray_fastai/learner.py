@@ -376,8 +376,9 @@ def _fit(learn:Learner, c:dict, rows:list=(), ckpt:dict=None, cbs=None, started:
     first = (ckpt or {}).get('stage', 0)
     # a row written after the checkpoint (killed in between) is trained again, not replayed
     rows = [r for r in rows if ckpt and (r['stage'], r['stage_epoch']) <= (first, ckpt['epoch'])]
-    for stage, (n, lrs, how) in enumerate(_stages(c)):
-        done = sum(k for k, _, _ in _stages(c)[:stage])  # epochs of the stages before this one
+    stages = _stages(c)
+    for stage, (n, lrs, how) in enumerate(stages):
+        done = sum(k for k, _, _ in stages[:stage])  # epochs of the stages before this one
         if stage < first: continue
         if how == 'freeze': learn.freeze()
         elif how == 'unfreeze': learn.unfreeze()
@@ -566,7 +567,7 @@ def resume(path, # a run folder written by `train`
     rows = pd.read_csv(path/'history.csv').to_dict('records') if (path/'history.csv').exists() else []
     setup_distributed()
     t0 = time.perf_counter()
-    prior = ckpt.get("wall") or 0  # the time until the last saved epoch (older checkpoints lack it)
+    prior = ckpt.get('wall') or 0  # the time until the last saved epoch (older checkpoints lack it)
     learn = rank0_first(_build, c, path)
     with _run_guard(path): _fit(learn, c, rows, ckpt, cbs=cbs, started=t0 - prior)
     if not rank_distrib(): _finish(learn, c, path, time.perf_counter() - t0 + prior)
