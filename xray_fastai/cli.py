@@ -19,11 +19,12 @@ from .core import *
 __all__ = ['SourceArg', 'SourceOpt', 'DatasetArg', 'DataDirOpt', 'MirrorOpt', 'NoVerifyOpt', 'ValidPctOpt', 'SeedOpt', 'JsonOpt',
            'DebugOpt', 'app', 'data_app', 'ArchOpt', 'FrozenOpt', 'PretrainedOpt', 'WeightsOpt', 'BsOpt', 'SizeOpt',
            'AugOpt', 'AugParamOpt', 'LrMethodOpt', 'ClassWeightsOpt', 'WorkersOpt', 'CacheOpt', 'EpochsOpt', 'LrOpt',
-           'LrMultOpt', 'FreezeEpochsOpt', 'MonitorOpt', 'PatienceOpt', 'WdOpt', 'MixupOpt', 'RecipeOpt', 'RunDirArg',
-           'RunDirsArg', 'EvalSourceOpt', 'SplitOpt', 'TargetRecallOpt', 'TtaOpt', 'ModelArg', 'PredictPathsArg',
-           'PredsOutOpt', 'GradcamOpt', 'OverwriteOpt', 'FastDecodeOpt', 'typer_factory', 'examples', 'debugging',
-           'main', 'data_download', 'format_info', 'data_info', 'data_verify', 'train_cmd', 'lr_find_cmd',
-           'evaluate_cmd', 'ensemble_cmd', 'compare_cmd', 'experiment_cmd', 'predict_cmd']
+           'LrMultOpt', 'FreezeEpochsOpt', 'MonitorOpt', 'PatienceOpt', 'WdOpt', 'MixupOpt', 'RecipeOpt', 'SiteOpt',
+           'RunDirArg', 'RunDirsArg', 'EvalSourceOpt', 'SplitOpt', 'TargetRecallOpt', 'TtaOpt', 'ThresholdOnOpt',
+           'ThresholdRuleOpt', 'ModelArg', 'PredictPathsArg', 'PredsOutOpt', 'GradcamOpt', 'OverwriteOpt',
+           'FastDecodeOpt', 'typer_factory', 'examples', 'debugging', 'main', 'data_download', 'format_info',
+           'data_info', 'data_verify', 'train_cmd', 'lr_find_cmd', 'evaluate_cmd', 'ensemble_cmd', 'compare_cmd',
+           'experiment_cmd', 'predict_cmd']
 
 # %% ../nbs/07_cli.ipynb #542c9318
 def typer_factory(help:str, # what the app or group is for
@@ -212,7 +213,7 @@ LrMultOpt = Annotated[Optional[float], typer.Option('--lr-mult', show_default=Fa
     help=r"fine-tune: the stem trains at lr/lr-mult, the groups between spread geometrically \[default: 100 pretrained, 1 from scratch]")]
 FreezeEpochsOpt = Annotated[int, typer.Option('--freeze-epochs', help="fine-tune runs: epochs of fastai's freeze() first (the head and the body's BatchNorm train)")]
 MonitorOpt = Annotated[str, typer.Option('--monitor',
-    help="value that picks the best epoch and drives early stopping: valid_loss, accuracy, recall_score, f1_score, roc_auc_score...")]
+    help="value that picks the best epoch and drives early stopping: valid_loss, accuracy, recall_score, f1_score, roc_auc_score...; with --site also site_loss, site_accuracy, site_recall_score, site_specificity, site_roc_auc_score")]
 PatienceOpt = Annotated[Optional[int], typer.Option('--patience', show_default=False,
     help="stop after this many epochs without improvement")]
 WdOpt = Annotated[Optional[float], typer.Option('--wd', show_default=False, help="weight decay (fastai's default when unset)")]
@@ -262,6 +263,12 @@ def _number(v, p):
     try: return float(v)
     except ValueError: raise XrayError(f"--aug-param {p!r}: the value must be a number, true or false") from None
 
+# %% ../nbs/07_cli.ipynb #d7ce5d76
+SiteOpt = Annotated[Optional[str], typer.Option('--site', metavar='SOURCE', show_default=False,
+    help="a labelled sample of the deployment site (a folder of class folders, a CSV...), predicted after every epoch "
+         "and never trained on: history.csv gets site_loss, site_accuracy, site_recall_score, site_specificity and "
+         "site_roc_auc_score, and --monitor site_... picks the best epoch and stops early on them")]
+
 # %% ../nbs/07_cli.ipynb #423b2d76
 @app.command('train', epilog=examples(
     'train --recipe pneumoniamnist   # the measured recipe from scratch on a CPU (bench/ACCURACY.md)',
@@ -269,12 +276,13 @@ def _number(v, p):
     'train --arch mobilenet_v2 --lr 1e-4 --lr-mult 10 --freeze-epochs 1 --epochs 5   # the seed report\'s 1e-4 head ... 1e-5 stem',
     'train -s ../chest_xray --size 224 --lr auto --patience 3 --class-weights',
     'train --resume runs/20261128-101500-resnet34-finetune',
+    'train --recipe pneumoniamnist --site ../site_A --monitor site_roc_auc_score --patience 3   # watch a labelled site sample',
     'train --distributed 4 --arch resnet34 --epochs 5   # 4 local processes (GPUs, else CPUs); or: torchrun --nproc_per_node 4 -m xray_fastai.cli train ...'))
 def train_cmd(ctx:typer.Context, recipe:RecipeOpt=None, source:SourceOpt='pneumoniamnist', arch:ArchOpt='resnet34',
               frozen:FrozenOpt=False, epochs:EpochsOpt=5, lr:LrOpt=None, lr_mult:LrMultOpt=None,
               lr_method:LrMethodOpt='valley', freeze_epochs:FreezeEpochsOpt=0, bs:BsOpt=64, size:SizeOpt=None,
               aug:AugOpt=True, aug_param:AugParamOpt=None, mixup:MixupOpt=0.0, pretrained:PretrainedOpt=True,
-              weights:WeightsOpt=None, monitor:MonitorOpt='valid_loss', patience:PatienceOpt=None,
+              weights:WeightsOpt=None, monitor:MonitorOpt='valid_loss', site:SiteOpt=None, patience:PatienceOpt=None,
               class_weights:ClassWeightsOpt=False, wd:WdOpt=None, cache:CacheOpt=False, seed:SeedOpt=42,
               data_dir:DataDirOpt=None, valid_pct:ValidPctOpt=0.2, no_verify:NoVerifyOpt=False,
               num_workers:WorkersOpt=None,
@@ -334,21 +342,31 @@ TargetRecallOpt = Annotated[float, typer.Option('--target-recall',
     help="also report the highest threshold whose recall on the validation split reaches this")]
 TtaOpt = Annotated[bool, typer.Option('--tta', help="test-time augmentation: blend predictions over augmented passes")]
 
+# %% ../nbs/07_cli.ipynb #6ac0a251
+ThresholdOnOpt = Annotated[Optional[str], typer.Option('--threshold-on', metavar='SOURCE', show_default=False,
+    help="choose the threshold on this labelled sample of the deployment site (a folder of class folders, evaluated "
+         "whole) instead of on the validation split; `predict --threshold site` then uses it")]
+ThresholdRuleOpt = Annotated[str, typer.Option('--threshold-rule',
+    help="with --threshold-on: recall (the highest threshold reaching --target-recall there), youden (max recall + "
+         "specificity - 1, i.e. max balanced accuracy) or balanced (recall and specificity closest)")]
+
 # %% ../nbs/07_cli.ipynb #0add23fd
 @app.command('evaluate', no_args_is_help=True, epilog=examples(
     'evaluate runs/20261128-101500-resnet34-finetune',
     'evaluate RUN_DIR --target-recall 0.98 --tta',
     'evaluate RUN_DIR --split valid --json',
-    'evaluate RUN_DIR --source ../other_hospital.csv'))
+    'evaluate RUN_DIR --source ../other_hospital.csv',
+    'evaluate RUN_DIR --threshold-on ../site_A --threshold-rule youden   # threshold chosen on a labelled site sample'))
 def evaluate_cmd(run_dir:RunDirArg, source:EvalSourceOpt=None, split:SplitOpt='test',
                  target_recall:TargetRecallOpt=0.95, tta:TtaOpt=False, data_dir:DataDirOpt=None,
-                 as_json:JsonOpt=False):
+                 as_json:JsonOpt=False, threshold_on:ThresholdOnOpt=None, threshold_rule:ThresholdRuleOpt='recall'):
     """Evaluate a run on a held-out split, at threshold 0.5 and at a threshold chosen on the validation split.
 
     Writes RUN_DIR/eval-SPLIT/ (eval-SPLIT-tta/ with --tta; eval-SPLIT-on-NAME-HASH/ for another --source):
     metrics.json, preds.csv, confusion matrices, the top losses, the ROC curve and the classification report."""
     from xray_fastai.evaluate import evaluate, format_eval
-    m = evaluate(run_dir, source=source, split=split, target_recall=target_recall, tta=tta, data_dir=data_dir)
+    m = evaluate(run_dir, source=source, split=split, target_recall=target_recall, tta=tta, data_dir=data_dir,
+                 threshold_on=threshold_on, threshold_rule=threshold_rule)
     typer.echo(json.dumps(m, indent=2) if as_json else format_eval(m))
     typer.echo(f"written: {m['folder']}", err=True)
 
@@ -361,13 +379,15 @@ def ensemble_cmd(run_dirs:Annotated[list[Path], typer.Argument(metavar='RUN_DIR.
                  out:Annotated[Path, typer.Option('--out', '-o', metavar='DIR', show_default=False,
                      help="folder for the results: a new one, or an earlier ensemble's (replaced)")],
                  source:EvalSourceOpt=None, split:SplitOpt='test', target_recall:TargetRecallOpt=0.95, tta:TtaOpt=False,
-                 data_dir:DataDirOpt=None, as_json:JsonOpt=False):
+                 data_dir:DataDirOpt=None, as_json:JsonOpt=False, threshold_on:ThresholdOnOpt=None,
+                 threshold_rule:ThresholdRuleOpt='recall'):
     """Evaluate runs together: the mean of their probabilities, at threshold 0.5 and at a threshold chosen on validation.
 
     Writes DIR/: metrics.json, preds.csv (with every member's probability), confusion matrices, the ROC curves of the
     members and the ensemble, and the classification report."""
     from xray_fastai.evaluate import ensemble, format_eval
-    m = ensemble(run_dirs, out, source=source, split=split, target_recall=target_recall, tta=tta, data_dir=data_dir)
+    m = ensemble(run_dirs, out, source=source, split=split, target_recall=target_recall, tta=tta, data_dir=data_dir,
+                 threshold_on=threshold_on, threshold_rule=threshold_rule)
     typer.echo(json.dumps(m, indent=2) if as_json else format_eval(m))
     typer.echo(f"written: {out}", err=True)
 
@@ -433,14 +453,19 @@ FastDecodeOpt = Annotated[bool, typer.Option('--fast-decode',
 @app.command('predict', no_args_is_help=True, epilog=examples(
     'predict runs/my-run scans/ --out preds.csv',
     'predict runs/my-run/model.safetensors a.jpeg b.png c.dcm --gradcam cams/',
-    'predict runs/my-run list.csv --bs 128 --out preds.csv --overwrite'))
+    'predict runs/my-run list.csv --bs 128 --out preds.csv --overwrite',
+    'predict runs/my-run scans/ --threshold site   # the threshold evaluate --threshold-on chose'))
 def predict_cmd(model:ModelArg, paths:PredictPathsArg, out:PredsOutOpt=Path('preds.csv'), gradcam:GradcamOpt=None,
-                bs:BsOpt=64, overwrite:OverwriteOpt=False, fast_decode:FastDecodeOpt=False):
+                bs:BsOpt=64, overwrite:OverwriteOpt=False, fast_decode:FastDecodeOpt=False,
+                threshold:Annotated[Optional[str], typer.Option('--threshold', metavar='T|site', show_default=False,
+                    help=r"call an image positive when its probability reaches T, or the threshold `evaluate --threshold-on` "
+                         r"chose ('site') \[default: the likelier class]")]=None):
     """Predict NORMAL / PNEUMONIA for images with a trained model and write a CSV.
 
     Images are preprocessed exactly as the run's validation set. Unreadable files are listed in the CSV with an error instead of a prediction (and counted on stderr); they never stop the run."""
     from xray_fastai.predict import predict
-    df = predict(model, paths, bs=bs, gradcam=gradcam, out=out, overwrite=overwrite, draft=fast_decode or None)
+    df = predict(model, paths, bs=bs, gradcam=gradcam, out=out, overwrite=overwrite, draft=fast_decode or None,
+                 threshold=threshold)
     bad, no_cam = df[df.label == ''], df[(df.label != '') & (df.error != '')]  # the latter: predicted, overlay failed
     typer.echo(f"{out}: {len(df) - len(bad)} of {len(df)} images predicted" +
                (f", {len(bad)} unreadable (see its error column), e.g. {bad.path.iloc[0]}: {bad.error.iloc[0]}"

@@ -18,8 +18,8 @@ from .data import _split_names
 from .learner import xray_learner, load_exported, check_unchanged_source, _mode
 
 # %% auto #0
-__all__ = ['binary_metrics', 'threshold_for_recall', 'eval_learner', 'predict_dl', 'decide', 'PredsInterpretation', 'plot_roc',
-           'eval_dir', 'evaluate', 'ensemble', 'format_eval']
+__all__ = ['THRESHOLD_RULES', 'SITE_THRESHOLD', 'binary_metrics', 'threshold_for_recall', 'threshold_for_rule', 'eval_learner',
+           'predict_dl', 'decide', 'PredsInterpretation', 'plot_roc', 'eval_dir', 'evaluate', 'ensemble', 'format_eval']
 
 # %% ../nbs/04_evaluate.ipynb #2ed2081e
 def _arr(o) -> np.ndarray:
@@ -61,6 +61,25 @@ def threshold_for_recall(probs, # positive-class probability per case
     # at threshold pos[i] every positive scoring >= pos[i] is caught, ties included
     recall = np.searchsorted(-pos, -pos, side='right') / len(pos)
     return float(pos[np.argmax(recall >= target)])
+
+# %% ../nbs/04_evaluate.ipynb #851a9b8f
+THRESHOLD_RULES = ('recall', 'youden', 'balanced')
+
+def threshold_for_rule(probs, # positive-class probability per case
+                       targets, # 1 for a positive case, else 0
+                       rule:str='recall', # `recall` (reach `target_recall`), `youden` (max recall + specificity - 1) or `balanced` (recall = specificity)
+                       target_recall:float=0.95, # for `rule='recall'`
+                      ) -> float:
+    "The threshold `rule` chooses on labelled cases (see `THRESHOLD_RULES`); the highest among equally good ones."
+    check(rule in THRESHOLD_RULES, f"unknown --threshold-rule {rule!r}: use {', '.join(THRESHOLD_RULES)}")
+    if rule == 'recall': return threshold_for_recall(probs, targets, target_recall)
+    p, t = _arr(probs), _arr(targets).astype(bool)
+    check(t.any() and not t.all(), f"the {rule} rule needs positive and negative cases")
+    cand, pos, neg = np.unique(p)[::-1], np.sort(p[t]), np.sort(p[~t])  # candidates from the highest down
+    recall = 1 - np.searchsorted(pos, cand, side='left') / len(pos)  # positives at or above each candidate
+    spec = np.searchsorted(neg, cand, side='left') / len(neg)  # negatives below it
+    score = recall + spec - 1 if rule == 'youden' else -np.abs(recall - spec)
+    return float(cand[np.argmax(score)])
 
 # %% ../nbs/04_evaluate.ipynb #bc6921ee
 def _run_config(run_dir:Path) -> dict:
@@ -240,17 +259,31 @@ def _run_preds(run_dir:Path, srcs:tuple, split:str, tta:bool) -> tuple:
     return learn, dl, valid, (valid if split == 'valid' else predict_dl(learn, dl, tta))
 
 def _eval_result(c:dict, name:str, arch:str, mode:str, source, split:str, tta:bool, target_recall:float,
-                 valid:tuple, preds:tuple) -> tuple:
-    "The metrics dict of probabilities `preds` on `split`, and the threshold chosen for `target_recall` on `valid`."
+                 valid:tuple, preds:tuple, site:dict=None) -> tuple:
+    "The metrics dict of probabilities `preds` on `split`, and the threshold chosen for `target_recall` on `valid` (or `site`'s)."
     pos = c['classes'].index(c['positive'])
     (vp, vt), (pr, tg) = valid, preds
-    thr = threshold_for_recall(vp[:, pos], vt == pos, target_recall)
+    thr = site['value'] if site else threshold_for_recall(vp[:, pos], vt == pos, target_recall)
     p, t = pr[:, pos], tg == pos
     return dict(run=name, arch=arch, mode=mode, source=str(source or c['source']), split=split, n=len(t), tta=tta,
                 classes=c['classes'], positive=c['positive'], target_recall=target_recall,
                 valid=binary_metrics(vp[:, pos], vt == pos, 0.5),  # predicted anyway, for the threshold
                 default=binary_metrics(p, t, 0.5),
-                chosen=dict(binary_metrics(p, t, thr), valid_recall=binary_metrics(vp[:, pos], vt == pos, thr)['recall'])), thr
+                chosen=dict(binary_metrics(p, t, thr), valid_recall=binary_metrics(vp[:, pos], vt == pos, thr)['recall']),
+                **({'threshold_on': site} if site else {})), thr
+
+SITE_THRESHOLD = 'site_threshold.json'  # in a run folder: the latest threshold `evaluate --threshold-on` chose
+
+def _site_threshold(runs:list, c:dict, source, rule:str, target_recall:float, tta:bool, data_dir=None) -> dict:
+    "The threshold `rule` chooses on the labelled site sample `source` for the (mean) probabilities of `runs`, and the site's metrics there."
+    check(rule in THRESHOLD_RULES, f"unknown --threshold-rule {rule!r}: use {', '.join(THRESHOLD_RULES)}")
+    src = _external_source(c, source, 'test', data_dir)  # a folder of class folders is used whole
+    pairs = [predict_dl(learn, learn.dls.valid, tta) for learn in (eval_learner(r, src) for r in runs)]
+    pos = c['classes'].index(c['positive'])
+    p, t = torch.stack([o for o, _ in pairs]).mean(0)[:, pos], pairs[0][1] == pos
+    thr = threshold_for_rule(p, t, rule, target_recall)
+    return dict(source=source_id(source), rule=rule, target_recall=target_recall if rule == 'recall' else None,
+                tta=tta, value=thr, site=binary_metrics(p, t, thr))
 
 def _write_eval(res:dict, out:Path, learn:Learner, dl, preds:tuple, thr:float, curves:dict, t0:float,
                 top_losses:bool=True, extra_cols:dict=None) -> dict:
@@ -265,7 +298,8 @@ def _write_eval(res:dict, out:Path, learn:Learner, dl, preds:tuple, thr:float, c
                           prob=pr[:, pos].double().numpy(), loss=interp.losses.double().numpy(),
                           **(extra_cols or {}))).to_csv(tmp, index=False)
     names = dict(confusion_matrix=(0.5, f"{split}, threshold 0.5"),
-                 confusion_matrix_chosen=(thr, f"{split}, threshold {thr:.3g} (valid recall >= {res['target_recall']:g})"))
+                 confusion_matrix_chosen=(thr, f"{split}, threshold {thr:.3g} " + (f"(chosen on the site, {res['threshold_on']['rule']} rule)"
+                                          if res.get('threshold_on') else f"(valid recall >= {res['target_recall']:g})")))
     _interp_figures(interp, out, names, k=9 if top_losses else 0)
     report = ''
     for name, (th, title) in names.items():
@@ -287,18 +321,23 @@ def evaluate(run_dir, # a run folder written by `train`
              target_recall:float=0.95, # choose the highest threshold reaching this recall on the validation split
              tta:bool=False, # test-time augmentation
              data_dir=None, # dataset cache folder, for a named source
+             threshold_on=None, # a labelled site sample: choose the threshold there (by `threshold_rule`), not on validation
+             threshold_rule:str='recall', # with `threshold_on`: `recall` (`target_recall`), `youden` or `balanced`
             ) -> dict:
-    "Evaluate the run in `run_dir` on `split`, at threshold 0.5 and at the threshold chosen for `target_recall`."
+    "Evaluate the run in `run_dir` on `split`, at threshold 0.5 and at the threshold chosen for `target_recall` (or on a site)."
     t0, run_dir, split = time.perf_counter(), Path(run_dir), _split_name(split)
     c = _run_config(run_dir)
     srcs = _checked_source(c, split, target_recall, source, data_dir)
+    site = _site_threshold([run_dir], c, threshold_on, threshold_rule, target_recall, tta, data_dir) if threshold_on else None
     learn, dl, valid, preds = _run_preds(run_dir, srcs, split, tta)
     mode = _mode(c['frozen'])
-    res, thr = _eval_result(c, run_dir.name, c['arch'], mode, source, split, tta, target_recall, valid, preds)
+    res, thr = _eval_result(c, run_dir.name, c['arch'], mode, source, split, tta, target_recall, valid, preds, site)
     pos = c['classes'].index(c['positive'])
     curves = {f"{c['arch']} {mode}": (preds[0][:, pos], preds[1] == pos)}
-    return _write_eval(res, eval_dir(run_dir, split, tta, source if srcs[1] is not None else None), learn, dl, preds,
-                       thr, curves, t0)
+    res = _write_eval(res, eval_dir(run_dir, split, tta, source if srcs[1] is not None else None), learn, dl, preds,
+                      thr, curves, t0)
+    if site: save_json({**site, 'evaluation': res['folder']}, run_dir/SITE_THRESHOLD)  # for `predict --threshold site`
+    return res
 
 # %% ../nbs/04_evaluate.ipynb #30619bc1
 def ensemble(run_dirs:list, # run folders written by `train`, validated on the same split
@@ -308,6 +347,8 @@ def ensemble(run_dirs:list, # run folders written by `train`, validated on the s
              target_recall:float=0.95, # choose the highest threshold reaching this recall on the validation split
              tta:bool=False, # test-time augmentation, for every member
              data_dir=None, # dataset cache folder, for a named source
+             threshold_on=None, # a labelled site sample: choose the threshold there (by `threshold_rule`), not on validation
+             threshold_rule:str='recall', # with `threshold_on`: `recall` (`target_recall`), `youden` or `balanced`
             ) -> dict:
     "Evaluate the mean probabilities of the runs in `run_dirs` on `split`, like `evaluate` does one run."
     t0, runs, out, split = time.perf_counter(), [Path(r) for r in run_dirs], Path(out), _split_name(split)
@@ -326,11 +367,13 @@ def ensemble(run_dirs:list, # run folders written by `train`, validated on the s
         check(o['valid_origin'] == c['valid_origin'], f"{r} was validated on {o['valid_origin']}, {runs[0]} on "
               f"{c['valid_origin']}: ensemble runs validated on the same split (for a carved one, the same --seed)")
     srcs = _checked_source(c, split, target_recall, source, data_dir)
+    site = _site_threshold(runs, c, threshold_on, threshold_rule, target_recall, tta, data_dir) if threshold_on else None
     learns, dls, valids, splits = zip(*[_run_preds(r, srcs, split, tta) for r in runs])
     def mean(pairs): return torch.stack([p for p, _ in pairs]).mean(0), pairs[0][1]  # the targets are the same
     valid, preds = mean(valids), mean(splits)
     archs = '+'.join(dict.fromkeys(o['arch'] for o in cs))
-    res, thr = _eval_result(c, out.name, archs, f"ensemble of {len(runs)}", source, split, tta, target_recall, valid, preds)
+    res, thr = _eval_result(c, out.name, archs, f"ensemble of {len(runs)}", source, split, tta, target_recall, valid, preds,
+                            site)
     res['members'] = [str(r) for r in runs]
     pos = c['classes'].index(c['positive'])
     targets = preds[1] == pos
@@ -358,4 +401,8 @@ def format_eval(m:dict) -> str:
     lines = ['  '.join(s.rjust(w) if i else s.ljust(w) for i, (s, w) in enumerate(zip(r, widths))) for r in rows]
     note = (f"* chosen on the valid split: the highest threshold with recall >= {m['target_recall']:g} "
             f"there (valid recall {m['chosen']['valid_recall']:.4f})")
+    if s := m.get('threshold_on'):
+        note = (f"* chosen on the site sample {s['source']} by the {s['rule']} rule" +
+                (f" (recall >= {s['target_recall']:g})" if s['rule'] == 'recall' else '') +
+                f": there recall {s['site']['recall']:.4f}, specificity {s['site']['specificity']:.4f}")
     return '\n'.join([head, *lines, note])

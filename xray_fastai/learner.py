@@ -23,6 +23,7 @@ from .core import *
 from .data import *
 from .models import *
 from .distributed import *
+from .sites import SITE_METRICS, SiteCallback, site_dl, feature_batches, kept_rng
 
 # %% auto #0
 __all__ = ['MODEL_META_KEYS', 'LR_METHODS', 'MONITORS', 'RECIPES', 'xray_metrics', 'head_splitter', 'FixedFeatureCallback',
@@ -287,7 +288,7 @@ def load_exported(model, path, arch:str):
 
 # %% ../nbs/03_learner.ipynb #d9711116
 LR_METHODS = dict(valley=valley, slide=slide, minimum=minimum, steep=steep)
-MONITORS = ('valid_loss', 'accuracy', 'precision_score', 'recall_score', 'f1_score', 'roc_auc_score')
+MONITORS = ('valid_loss', 'accuracy', 'precision_score', 'recall_score', 'f1_score', 'roc_auc_score') + SITE_METRICS  # site_*: with --site
 
 def _mode(frozen): return 'frozen' if frozen else 'finetune'
 
@@ -302,6 +303,7 @@ def _check_options(c:dict):
     check(c['lr_mult'] > 0, f"--lr-mult must be positive, got {c['lr_mult']}")
     check(c['lr_method'] in LR_METHODS, f"unknown --lr-method {c['lr_method']!r}: use one of {', '.join(LR_METHODS)}")
     check(c['monitor'] in MONITORS, f"unknown --monitor {c['monitor']!r}: use one of {', '.join(MONITORS)}")
+    check(c.get('site') or c['monitor'] not in SITE_METRICS, f"--monitor {c['monitor']} needs a site sample: give --site SOURCE")
     check(c['patience'] is None or c['patience'] > 0, f"--patience must be positive, got {c['patience']}")
     check(not (c['frozen'] and c['freeze_epochs']), "--freeze-epochs is for fine-tuning; --frozen trains only the head")
     check(c['mixup'] >= 0, f"--mixup must be 0 (off) or a positive Beta alpha, got {c['mixup']}")
@@ -335,6 +337,8 @@ def _build(c:dict, path:Path):
              presize=dls.presize, counts=src.counts(), skipped=len(src.skipped))
     learn = xray_learner(dls, c['arch'], frozen=c['frozen'], pretrained=c['pretrained'], weights=c['weights'],
                          class_weights=c['class_weights'], path=path, wd=c['wd'])
+    if c.get('site'):  # with the run's validation transforms; made with the random states left as they were
+        with kept_rng(): learn.site_dl = site_dl(c, dls.device)
     return learn
 
 # %% ../nbs/03_learner.ipynb #5198871f
@@ -349,8 +353,8 @@ def find_lr(learn:Learner, method:str='valley', plot=None) -> tuple:
 
 # %% ../nbs/03_learner.ipynb #29e31950
 def _best_index(monitor:str, values) -> int:
-    "Index of the best of `values` of `monitor`: the lowest loss, or the highest metric."
-    return int((np.argmin if monitor == 'valid_loss' else np.argmax)(values))
+    "Index of the best of `values` of `monitor`: the lowest loss, or the highest metric (as fastai's trackers compare)."
+    return int((np.argmin if 'loss' in monitor else np.argmax)(values))
 
 def _callbacks(c:dict, stage:int, rows:list, ckpt:dict=None, started:float=None) -> list:
     # one best model across the stages: the exported model is then the epoch that metrics.json calls best
@@ -370,6 +374,14 @@ def _stages(c:dict) -> list:
     if c['frozen']: return [(c['epochs'], lr, None)]
     return ([(c['freeze_epochs'], lr, 'freeze')] if c['freeze_epochs'] else []) + \
            [(c['epochs'], slice(lr / c['lr_mult'], lr), 'unfreeze')]
+
+def _site_cbs(learn:Learner, c:dict) -> list:
+    "A `SiteCallback` for the site sample of config `c` (as the fixed body's features, for a head on cached features)."
+    if not c.get('site'): return []
+    dl = learn.site_dl
+    if c['cached_features']:
+        with kept_rng(): dl = feature_batches(*body_features(learn.model[0], dl), dl.bs, learn.dls.device)
+    return [SiteCallback(dl, c['classes'].index(c['positive']))]
 
 def _fit(learn:Learner, c:dict, rows:list=(), ckpt:dict=None, cbs=None, started:float=None) -> Learner:
     "Run the training stages of config `c`; with `ckpt`, continue after its epoch, replaying `rows`."
@@ -391,7 +403,7 @@ def _fit(learn:Learner, c:dict, rows:list=(), ckpt:dict=None, cbs=None, started:
             if ckpt['opt']: fit_learn.opt.load_state_dict({**ckpt['opt'], 'hypers': L(ckpt['opt']['hypers'])})
             _set_rng_state(fit_learn, ckpt['rng'])
         stage_cbs = _callbacks(c, stage, rows, ckpt if stage == first else None, started)
-        fit_learn.fit_one_cycle(n, lrs, cbs=stage_cbs + distributed_cbs(c.get('sync_bn', False)) + L(cbs), wd=c['wd'])
+        fit_learn.fit_one_cycle(n, lrs, cbs=stage_cbs + _site_cbs(learn, c) + distributed_cbs(c.get('sync_bn', False)) + L(cbs), wd=c['wd'])
         if getattr(fit_learn, 'diverged', None) is not None:
             raise XrayError(f"training diverged in epoch {done + fit_learn.diverged + 1} (the weights are no longer finite "
                             f"numbers): start again with a lower --lr than {c['lr']}")
@@ -439,7 +451,8 @@ def train_config(source='pneumoniamnist', # `pneumoniamnist[:size]`, an .npz, a 
                  aug_kwargs:dict=None, # overrides of `XRAY_AUG` (`aug_transforms` arguments), e.g. `{'max_rotate': 5}`
                  pretrained:bool=True, # start from ImageNet weights (downloaded, or `weights`)
                  weights:str=None, # a local state_dict: ImageNet weights, or with `pretrained=False` an earlier model
-                 monitor:str='valid_loss', # the metric that picks the best epoch (and stops early)
+                 monitor:str='valid_loss', # the metric that picks the best epoch (and stops early); `site_*` with `site`
+                 site=None, # a labelled sample of the deployment site (e.g. a folder of class folders), predicted every epoch: `site_*` columns; never trained on
                  patience:int=None, # stop after this many epochs without improvement (default: never)
                  class_weights:bool=False, # weight the loss by inverse class frequency
                  wd:float=None, # weight decay (default: fastai's)
@@ -458,6 +471,7 @@ def train_config(source='pneumoniamnist', # `pneumoniamnist[:size]`, an .npz, a 
     # paths are stored absolute: `evaluate` and `--resume` then work from any directory
     c['source'] = source_id(source)
     c['weights'] = _abs_path(weights) if weights else None
+    c['site'] = source_id(site) if site else None
     c['data_dir'] = _abs_path(data_dir) if data_dir else None
     if cache is True and data_dir: cache = Path(data_dir)/'presize'  # with the datasets, where `--data-dir` puts them
     c['cache'] = _abs_path(cache) if cache not in (True, False) else cache

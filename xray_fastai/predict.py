@@ -23,7 +23,8 @@ from concurrent.futures import ThreadPoolExecutor  # the standard one: fastcore'
 
 # %% auto #0
 __all__ = ['DICOM_EXTS', 'OVERLAYS', 'is_dicom', 'image_paths', 'open_dicom', 'read_xray', 'validation_settings',
-           'XrayPreprocess', 'load_predictor', 'grad_cam', 'cam_overlay', 'save_predictions', 'predict']
+           'XrayPreprocess', 'load_predictor', 'grad_cam', 'cam_overlay', 'save_predictions', 'decision_threshold',
+           'predict']
 
 # %% ../nbs/06_predict.ipynb #22f10bf3
 DICOM_EXTS = {'.dcm', '.dicom'}
@@ -217,6 +218,24 @@ def _save_overlay(fn, cam, dest:Path) -> str:
         return str(dest)
     except Exception as e: return '!' + _why(e)
 
+# %% ../nbs/06_predict.ipynb #a5ac3e08
+def decision_threshold(model_path, # a run folder, or its `model.safetensors`
+                       threshold=None, # None (the likelier class), a number in [0, 1], or 'site'
+                      ) -> float|None:
+    "The positive-class threshold `predict` decides at: `threshold` checked, or the run's site threshold for 'site'."
+    if threshold is None: return None
+    if str(threshold) == 'site':
+        folder = Path(model_path).expanduser()
+        f = (folder if folder.is_dir() else folder.parent)/'site_threshold.json'
+        check(f.is_file(), f"{f.parent} has no site threshold: choose one with xray-fastai evaluate {f.parent} --threshold-on SOURCE")
+        try: thr = float(load_json(f)['value'])
+        except (ValueError, KeyError, TypeError): raise XrayError(f"{f} is damaged: choose the threshold again with evaluate --threshold-on") from None
+    else:
+        try: thr = float(threshold)
+        except ValueError: raise XrayError(f"--threshold must be a number in [0, 1] or 'site', got {threshold!r}") from None
+    check(0 <= thr <= 1, f"--threshold must be in [0, 1], got {thr}")
+    return thr
+
 # %% ../nbs/06_predict.ipynb #4b0d3f48
 def predict(model_path, # a run folder, or its `model.safetensors`
             paths, # image/DICOM files, folders (searched recursively) and CSVs with a `path` column
@@ -227,9 +246,11 @@ def predict(model_path, # a run folder, or its `model.safetensors`
             draft:bool=None, # decode JPEGs at reduced scale (faster); default: as the run did
             num_workers:int=None, # threads reading images (default: the CPU count, at most 8)
             device=None, # where the model runs (default: the GPU if there is one)
+            threshold=None, # positive when its probability reaches this (a number, or 'site': see `decision_threshold`)
            ) -> pd.DataFrame:
     "One row per file: path, label, p_<positive> and error (empty when fine); plus gradcam with `gradcam`."
     check(bs > 0, f"--bs must be positive, got {bs}")
+    thr = decision_threshold(model_path, threshold)
     if out: _check_out(out, overwrite)
     if gradcam:
         earlier = _overlays(gradcam)  # the overlays an earlier prediction listed there: --overwrite replaces only those
@@ -269,7 +290,8 @@ def predict(model_path, # a run folder, or its `model.safetensors`
                         if gradcam: probs, cams = grad_cam(model, xb, pos_idx)
                         else: probs = model(xb).float().softmax(1)
                     probs = probs.cpu().numpy()
-            res = {i: dict(label=classes[int(p.argmax())], **{p_col: float(p[pos_idx])}, error='')
+            decide = lambda p: int(p.argmax()) if thr is None else pos_idx if p[pos_idx] >= thr else 1 - pos_idx  # two classes
+            res = {i: dict(label=classes[decide(p)], **{p_col: float(p[pos_idx])}, error='')
                    for i, p in zip(ok, probs if ok else [])}
             if gradcam and ok:
                 dests = [overlay(start + i) for i in ok]
