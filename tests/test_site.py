@@ -138,7 +138,7 @@ def test_ensemble_threshold_on_a_site(mini_npz, shared_data, tmp_path):
 def test_site_under_ddp(run_cli, mini_npz, shared_data, tmp_path):
     "Two CPU processes: every rank gets rank 0's site values, so early stopping agrees and the weights end equal."
     out, ck = tmp_path/'ddp', tmp_path/'ck'
-    r = run_cli('train', '--data', mini_npz, '--arch', 'resnet18', '--no-pretrained', '--frozen', '--no-aug', '--epochs', '6',
+    r = run_cli('train', '--data', mini_npz, '--arch', 'resnet18', '--no-pretrained', '--frozen', '--no-aug', '--epochs', '4',
                 '--lr', '3e-2', '--no-verify', '--site', shared_data/'pneumoniamnist_site_A', '--monitor', 'site_specificity',
                 '--patience', '1', '--out', out, '--distributed', '2', env={'XRAY_FASTAI_RANK_CHECKSUM_DIR': str(ck)})
     assert r.returncode == 0, r.stderr

@@ -194,12 +194,14 @@ def launch_local(nproc:int, # processes to start on this machine
                  args:list, # arguments of `python -m xray_fastai.cli`
                 ) -> int:
     "Run `python -m xray_fastai.cli ARGS` in `nproc` local processes; the exit code of the first that failed, else 0."
-    from torch.distributed.run import parse_args, run
+    from torch.distributed.run import get_args_parser, run
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     check(nproc >= 1, f"--distributed must be at least 1, got {nproc}")
     check(not torch.cuda.is_available() or nproc <= torch.cuda.device_count(),
           f"--distributed {nproc}: this machine has {torch.cuda.device_count()} GPU(s)")
-    try: run(parse_args(['--standalone', f'--nproc-per-node={nproc}', '--module', 'xray_fastai.cli', *map(str, args)]))
+    parser = get_args_parser()
+    parser.allow_abbrev = False  # our --monitor is no abbreviation of torchrun's --monitor-interval: it goes to the script
+    try: run(parser.parse_args(['--standalone', f'--nproc-per-node={nproc}', '--module', 'xray_fastai.cli', *map(str, args)]))
     except ChildFailedError as e:
         _, first = e.get_first_failure()
         return first.exitcode if first.exitcode > 0 else 1
