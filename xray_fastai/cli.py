@@ -20,10 +20,10 @@ __all__ = ['SourceArg', 'SourceOpt', 'DatasetArg', 'DataDirOpt', 'MirrorOpt', 'N
            'DebugOpt', 'app', 'data_app', 'ArchOpt', 'FrozenOpt', 'PretrainedOpt', 'WeightsOpt', 'BsOpt', 'SizeOpt',
            'AugOpt', 'AugParamOpt', 'LrMethodOpt', 'ClassWeightsOpt', 'WorkersOpt', 'CacheOpt', 'EpochsOpt', 'LrOpt',
            'LrMultOpt', 'FreezeEpochsOpt', 'MonitorOpt', 'PatienceOpt', 'WdOpt', 'MixupOpt', 'RecipeOpt', 'RunDirArg',
-           'RunDirsArg', 'EvalSourceOpt', 'SplitOpt', 'TargetRecallOpt', 'TtaOpt', 'ModelArg', 'PredictPathsArg',
-           'PredsOutOpt', 'GradcamOpt', 'OverwriteOpt', 'FastDecodeOpt', 'typer_factory', 'examples', 'debugging',
-           'main', 'data_download', 'format_info', 'data_info', 'data_verify', 'train_cmd', 'lr_find_cmd',
-           'evaluate_cmd', 'ensemble_cmd', 'compare_cmd', 'experiment_cmd', 'predict_cmd']
+           'RunDirsArg', 'EvalSourceOpt', 'SplitOpt', 'TargetRecallOpt', 'TtaOpt', 'AdabnOpt', 'PriorCorrectionOpt',
+           'ModelArg', 'PredictPathsArg', 'PredsOutOpt', 'GradcamOpt', 'OverwriteOpt', 'FastDecodeOpt', 'typer_factory',
+           'examples', 'debugging', 'main', 'data_download', 'format_info', 'data_info', 'data_verify', 'train_cmd',
+           'lr_find_cmd', 'evaluate_cmd', 'ensemble_cmd', 'compare_cmd', 'experiment_cmd', 'predict_cmd', 'shift_cmd']
 
 # %% ../nbs/07_cli.ipynb #542c9318
 def typer_factory(help:str, # what the app or group is for
@@ -334,6 +334,14 @@ TargetRecallOpt = Annotated[float, typer.Option('--target-recall',
     help="also report the highest threshold whose recall on the validation split reaches this")]
 TtaOpt = Annotated[bool, typer.Option('--tta', help="test-time augmentation: blend predictions over augmented passes")]
 
+# %% ../nbs/07_cli.ipynb #5b13a0c1
+AdabnOpt = Annotated[Optional[str], typer.Option('--adabn', metavar='IMAGES|same', show_default=False,
+    help="AdaBN: re-estimate the BatchNorm statistics on unlabelled images of the site (a folder in any layout, a file "
+         "or a CSV list), or on the images evaluated/predicted ('same'), before predicting them (see the shift docs)")]
+PriorCorrectionOpt = Annotated[bool, typer.Option('--prior-correction',
+    help="correct the probabilities for the class prior of the images evaluated/predicted, estimated by EM "
+         "without labels (Saerens et al. 2002)")]
+
 # %% ../nbs/07_cli.ipynb #0add23fd
 @app.command('evaluate', no_args_is_help=True, epilog=examples(
     'evaluate runs/20261128-101500-resnet34-finetune',
@@ -342,13 +350,14 @@ TtaOpt = Annotated[bool, typer.Option('--tta', help="test-time augmentation: ble
     'evaluate RUN_DIR --source ../other_hospital.csv'))
 def evaluate_cmd(run_dir:RunDirArg, source:EvalSourceOpt=None, split:SplitOpt='test',
                  target_recall:TargetRecallOpt=0.95, tta:TtaOpt=False, data_dir:DataDirOpt=None,
-                 as_json:JsonOpt=False):
+                 adabn:AdabnOpt=None, prior_correction:PriorCorrectionOpt=False, as_json:JsonOpt=False):
     """Evaluate a run on a held-out split, at threshold 0.5 and at a threshold chosen on the validation split.
 
     Writes RUN_DIR/eval-SPLIT/ (eval-SPLIT-tta/ with --tta; eval-SPLIT-on-NAME-HASH/ for another --source):
     metrics.json, preds.csv, confusion matrices, the top losses, the ROC curve and the classification report."""
     from xray_fastai.evaluate import evaluate, format_eval
-    m = evaluate(run_dir, source=source, split=split, target_recall=target_recall, tta=tta, data_dir=data_dir)
+    m = evaluate(run_dir, source=source, split=split, target_recall=target_recall, tta=tta, data_dir=data_dir,
+                 adabn=adabn, prior_correction=prior_correction)
     typer.echo(json.dumps(m, indent=2) if as_json else format_eval(m))
     typer.echo(f"written: {m['folder']}", err=True)
 
@@ -435,18 +444,53 @@ FastDecodeOpt = Annotated[bool, typer.Option('--fast-decode',
     'predict runs/my-run/model.safetensors a.jpeg b.png c.dcm --gradcam cams/',
     'predict runs/my-run list.csv --bs 128 --out preds.csv --overwrite'))
 def predict_cmd(model:ModelArg, paths:PredictPathsArg, out:PredsOutOpt=Path('preds.csv'), gradcam:GradcamOpt=None,
-                bs:BsOpt=64, overwrite:OverwriteOpt=False, fast_decode:FastDecodeOpt=False):
+                bs:BsOpt=64, overwrite:OverwriteOpt=False, fast_decode:FastDecodeOpt=False, adabn:AdabnOpt=None,
+                prior_correction:PriorCorrectionOpt=False):
     """Predict NORMAL / PNEUMONIA for images with a trained model and write a CSV.
 
     Images are preprocessed exactly as the run's validation set. Unreadable files are listed in the CSV with an error instead of a prediction (and counted on stderr); they never stop the run."""
     from xray_fastai.predict import predict
-    df = predict(model, paths, bs=bs, gradcam=gradcam, out=out, overwrite=overwrite, draft=fast_decode or None)
+    df = predict(model, paths, bs=bs, gradcam=gradcam, out=out, overwrite=overwrite, draft=fast_decode or None,
+                 adabn=adabn, prior_correction=prior_correction)
     bad, no_cam = df[df.label == ''], df[(df.label != '') & (df.error != '')]  # the latter: predicted, overlay failed
     typer.echo(f"{out}: {len(df) - len(bad)} of {len(df)} images predicted" +
                (f", {len(bad)} unreadable (see its error column), e.g. {bad.path.iloc[0]}: {bad.error.iloc[0]}"
                 if len(bad) else '') + (f"; Grad-CAM overlays in {gradcam}" if gradcam else '') +
                (f" ({len(no_cam)} failed, e.g. {no_cam.path.iloc[0]}: {no_cam.error.iloc[0]})" if len(no_cam) else ''),
                err=True)
+
+# %% ../nbs/07_cli.ipynb #5b13a0c2
+@app.command('shift', no_args_is_help=True, epilog=examples(
+    'shift runs/my-run --source ../shared/data/pneumoniamnist_site_A --out shift-A',
+    'shift runs/my-run --source new_hospital_images/ --out shift-new   # a folder without class folders: unlabelled',
+    'shift runs/my-run --source site.csv --unlabelled --out shift-site'))
+def shift_cmd(run_dir:RunDirArg,
+              source:Annotated[str, typer.Option('--source', '--data', '-s', metavar='SOURCE', show_default=False,
+                  help="the site's images: labelled (class folders, a CSV with labels, an .npz, a dataset name) or a "
+                       "folder of images without class folders (unlabelled)")],
+              out:Annotated[Path, typer.Option('--out', '-o', metavar='DIR', show_default=False,
+                  help="a new (or empty) folder for report.md, shift.json, preds.csv and the PNGs")],
+              split:Annotated[str, typer.Option('--split', help="the source's split to use, when it has splits")]='test',
+              unlabelled:Annotated[bool, typer.Option('--unlabelled', help="ignore the source's labels")]=False,
+              data_dir:DataDirOpt=None, bs:BsOpt=64, as_json:JsonOpt=False):
+    """Compare a run's validation split with a site: metrics, calibration, scores and label-free drift signals.
+
+    Writes DIR/report.md (with warnings in plain words when the shift is large), shift.json, preds.csv, scores.png,
+    intensity.png and, for a labelled site, reliability.png."""
+    check(bs > 0, f"--bs must be positive, got {bs}")
+    from xray_fastai.shift import shift_report
+    r = shift_report(run_dir, source, out, split=split, unlabelled=unlabelled, data_dir=data_dir, bs=bs)
+    if as_json: typer.echo(json.dumps(r, indent=2))
+    else:
+        f = r['features']
+        typer.echo(f"{r['run']} on {r['source']}: {r['n_site']} images ({'labelled' if r['labelled'] else 'unlabelled'}); "
+                   f"feature distance ratio {f['ratio']:.2f}, brightness shift {r['intensity_z']:+.2f} sd")
+        if r['labelled']:
+            v, s = r['valid'], r['site']
+            typer.echo(f"accuracy {v['accuracy']:.4f} -> {s['accuracy']:.4f}, AUC {v['roc_auc']:.4f} -> {s['roc_auc']:.4f}, "
+                       f"specificity {v['specificity']:.4f} -> {s['specificity']:.4f} (validation -> site)")
+        for w in r['warnings']: typer.echo(f"warning: {w}")
+    typer.echo(f"written: {r['folder']}", err=True)
 
 # %% ../nbs/07_cli.ipynb #49048a96
 if __name__ == '__main__': main()
