@@ -24,7 +24,7 @@ __all__ = ['SourceArg', 'SourceOpt', 'DatasetArg', 'DataDirOpt', 'MirrorOpt', 'N
            'ThresholdRuleOpt', 'ModelArg', 'PredictPathsArg', 'PredsOutOpt', 'GradcamOpt', 'OverwriteOpt',
            'FastDecodeOpt', 'typer_factory', 'examples', 'debugging', 'main', 'data_download', 'format_info',
            'data_info', 'data_verify', 'train_cmd', 'lr_find_cmd', 'evaluate_cmd', 'ensemble_cmd', 'compare_cmd',
-           'experiment_cmd', 'predict_cmd']
+           'experiment_cmd', 'predict_cmd', 'shift_cmd']
 
 # %% ../nbs/07_cli.ipynb #542c9318
 def typer_factory(help:str, # what the app or group is for
@@ -359,14 +359,15 @@ ThresholdRuleOpt = Annotated[str, typer.Option('--threshold-rule',
     'evaluate RUN_DIR --threshold-on ../site_A --threshold-rule youden   # threshold chosen on a labelled site sample'))
 def evaluate_cmd(run_dir:RunDirArg, source:EvalSourceOpt=None, split:SplitOpt='test',
                  target_recall:TargetRecallOpt=0.95, tta:TtaOpt=False, data_dir:DataDirOpt=None,
-                 as_json:JsonOpt=False, threshold_on:ThresholdOnOpt=None, threshold_rule:ThresholdRuleOpt='recall'):
+                 threshold_on:ThresholdOnOpt=None, threshold_rule:ThresholdRuleOpt='recall', adabn:AdabnOpt=None,
+                 prior_correction:PriorCorrectionOpt=False, as_json:JsonOpt=False):
     """Evaluate a run on a held-out split, at threshold 0.5 and at a threshold chosen on the validation split.
 
     Writes RUN_DIR/eval-SPLIT/ (eval-SPLIT-tta/ with --tta; eval-SPLIT-on-NAME-HASH/ for another --source):
     metrics.json, preds.csv, confusion matrices, the top losses, the ROC curve and the classification report."""
     from xray_fastai.evaluate import evaluate, format_eval
     m = evaluate(run_dir, source=source, split=split, target_recall=target_recall, tta=tta, data_dir=data_dir,
-                 threshold_on=threshold_on, threshold_rule=threshold_rule)
+                 threshold_on=threshold_on, threshold_rule=threshold_rule, adabn=adabn, prior_correction=prior_correction)
     typer.echo(json.dumps(m, indent=2) if as_json else format_eval(m))
     typer.echo(f"written: {m['folder']}", err=True)
 
@@ -459,19 +460,53 @@ def predict_cmd(model:ModelArg, paths:PredictPathsArg, out:PredsOutOpt=Path('pre
                 bs:BsOpt=64, overwrite:OverwriteOpt=False, fast_decode:FastDecodeOpt=False,
                 threshold:Annotated[Optional[str], typer.Option('--threshold', metavar='T|site', show_default=False,
                     help=r"call an image positive when its probability reaches T, or the threshold `evaluate --threshold-on` "
-                         r"chose ('site') \[default: the likelier class]")]=None):
+                         r"chose ('site') \[default: the likelier class]")]=None,
+                adabn:AdabnOpt=None, prior_correction:PriorCorrectionOpt=False):
     """Predict NORMAL / PNEUMONIA for images with a trained model and write a CSV.
 
     Images are preprocessed exactly as the run's validation set. Unreadable files are listed in the CSV with an error instead of a prediction (and counted on stderr); they never stop the run."""
     from xray_fastai.predict import predict
     df = predict(model, paths, bs=bs, gradcam=gradcam, out=out, overwrite=overwrite, draft=fast_decode or None,
-                 threshold=threshold)
+                 threshold=threshold, adabn=adabn, prior_correction=prior_correction)
     bad, no_cam = df[df.label == ''], df[(df.label != '') & (df.error != '')]  # the latter: predicted, overlay failed
     typer.echo(f"{out}: {len(df) - len(bad)} of {len(df)} images predicted" +
                (f", {len(bad)} unreadable (see its error column), e.g. {bad.path.iloc[0]}: {bad.error.iloc[0]}"
                 if len(bad) else '') + (f"; Grad-CAM overlays in {gradcam}" if gradcam else '') +
                (f" ({len(no_cam)} failed, e.g. {no_cam.path.iloc[0]}: {no_cam.error.iloc[0]})" if len(no_cam) else ''),
                err=True)
+
+# %% ../nbs/07_cli.ipynb #5b13a0c2
+@app.command('shift', no_args_is_help=True, epilog=examples(
+    'shift runs/my-run --source ../shared/data/pneumoniamnist_site_A --out shift-A',
+    'shift runs/my-run --source new_hospital_images/ --out shift-new   # a folder without class folders: unlabelled',
+    'shift runs/my-run --source site.csv --unlabelled --out shift-site'))
+def shift_cmd(run_dir:RunDirArg,
+              source:Annotated[str, typer.Option('--source', '--data', '-s', metavar='SOURCE', show_default=False,
+                  help="the site's images: labelled (class folders, a CSV with labels, an .npz, a dataset name) or a "
+                       "folder of images without class folders (unlabelled)")],
+              out:Annotated[Path, typer.Option('--out', '-o', metavar='DIR', show_default=False,
+                  help="a new (or empty) folder for report.md, shift.json, preds.csv and the PNGs")],
+              split:Annotated[str, typer.Option('--split', help="the source's split to use, when it has splits")]='test',
+              unlabelled:Annotated[bool, typer.Option('--unlabelled', help="ignore the source's labels")]=False,
+              data_dir:DataDirOpt=None, bs:BsOpt=64, as_json:JsonOpt=False):
+    """Compare a run's validation split with a site: metrics, calibration, scores and label-free drift signals.
+
+    Writes DIR/report.md (with warnings in plain words when the shift is large), shift.json, preds.csv, scores.png,
+    intensity.png and, for a labelled site, reliability.png."""
+    check(bs > 0, f"--bs must be positive, got {bs}")
+    from xray_fastai.shift import shift_report
+    r = shift_report(run_dir, source, out, split=split, unlabelled=unlabelled, data_dir=data_dir, bs=bs)
+    if as_json: typer.echo(json.dumps(r, indent=2))
+    else:
+        f = r['features']
+        typer.echo(f"{r['run']} on {r['source']}: {r['n_site']} images ({'labelled' if r['labelled'] else 'unlabelled'}); "
+                   f"feature distance ratio {f['ratio']:.2f}, brightness shift {r['intensity_z']:+.2f} sd")
+        if r['labelled']:
+            v, s = r['valid'], r['site']
+            typer.echo(f"accuracy {v['accuracy']:.4f} -> {s['accuracy']:.4f}, AUC {v['roc_auc']:.4f} -> {s['roc_auc']:.4f}, "
+                       f"specificity {v['specificity']:.4f} -> {s['specificity']:.4f} (validation -> site)")
+        for w in r['warnings']: typer.echo(f"warning: {w}")
+    typer.echo(f"written: {r['folder']}", err=True)
 
 # %% ../nbs/07_cli.ipynb #49048a96
 if __name__ == '__main__': main()

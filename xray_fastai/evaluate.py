@@ -247,16 +247,19 @@ def _checked_source(c:dict, split:str, target_recall:float, source=None, data_di
           f"or give a --source that has one")
     return own, None
 
-def _run_preds(run_dir:Path, srcs:tuple, split:str, tta:bool) -> tuple:
+def _run_preds(run_dir:Path, srcs:tuple, split:str, tta:bool, adabn=None) -> tuple:
     "A run's learner, `split`'s DataLoader, and (probabilities, targets) on the validation split and on `split`."
     own, other = srcs
     learn = eval_learner(run_dir, own)
     valid = predict_dl(learn, learn.dls.valid, tta)
     if other is not None:  # another source: the threshold still comes from the run's own validation split
         learn = eval_learner(run_dir, other)
-        return learn, learn.dls.valid, valid, predict_dl(learn, learn.dls.valid, tta)
-    dl = xray_test_dl(learn.dls, split=split)
-    return learn, dl, valid, (valid if split == 'valid' else predict_dl(learn, dl, tta))
+        dl = learn.dls.valid
+    else: dl = xray_test_dl(learn.dls, split=split)
+    if adabn is not None:  # `split`'s model only: validation keeps the trained statistics (and picks the threshold)
+        from xray_fastai.shift import adapt_learner
+        adapt_learner(learn, adabn, dl)
+    return learn, dl, valid, (valid if split == 'valid' and adabn is None else predict_dl(learn, dl, tta))
 
 def _eval_result(c:dict, name:str, arch:str, mode:str, source, split:str, tta:bool, target_recall:float,
                  valid:tuple, preds:tuple, site:dict=None) -> tuple:
@@ -323,19 +326,29 @@ def evaluate(run_dir, # a run folder written by `train`
              data_dir=None, # dataset cache folder, for a named source
              threshold_on=None, # a labelled site sample: choose the threshold there (by `threshold_rule`), not on validation
              threshold_rule:str='recall', # with `threshold_on`: `recall` (`target_recall`), `youden` or `balanced`
+             adabn=None, # re-estimate BatchNorm statistics on these unlabelled images ('same': the evaluated ones)
+             prior_correction:bool=False, # correct the probabilities for the split's class prior, estimated by EM
             ) -> dict:
     "Evaluate the run in `run_dir` on `split`, at threshold 0.5 and at the threshold chosen for `target_recall` (or on a site)."
     t0, run_dir, split = time.perf_counter(), Path(run_dir), _split_name(split)
     c = _run_config(run_dir)
     srcs = _checked_source(c, split, target_recall, source, data_dir)
     site = _site_threshold([run_dir], c, threshold_on, threshold_rule, target_recall, tta, data_dir) if threshold_on else None
-    learn, dl, valid, preds = _run_preds(run_dir, srcs, split, tta)
+    learn, dl, valid, preds = _run_preds(run_dir, srcs, split, tta, adabn)
+    if prior_correction:
+        from xray_fastai.shift import correct_prior
+        preds, pc = correct_prior(preds, c)
     mode = _mode(c['frozen'])
     res, thr = _eval_result(c, run_dir.name, c['arch'], mode, source, split, tta, target_recall, valid, preds, site)
+    if adabn is not None: res['adabn'] = learn.adabn
+    if prior_correction: res['prior_correction'] = pc
     pos = c['classes'].index(c['positive'])
     curves = {f"{c['arch']} {mode}": (preds[0][:, pos], preds[1] == pos)}
-    res = _write_eval(res, eval_dir(run_dir, split, tta, source if srcs[1] is not None else None), learn, dl, preds,
-                      thr, curves, t0)
+    out = eval_dir(run_dir, split, tta, source if srcs[1] is not None else None)
+    if adabn is not None or prior_correction:  # beside the plain evaluation, never over it
+        from xray_fastai.shift import adapted_name
+        out = out.with_name(out.name + adapted_name(adabn, prior_correction))
+    res = _write_eval(res, out, learn, dl, preds, thr, curves, t0)
     if site: save_json({**site, 'evaluation': res['folder']}, run_dir/SITE_THRESHOLD)  # for `predict --threshold site`
     return res
 

@@ -247,6 +247,8 @@ def predict(model_path, # a run folder, or its `model.safetensors`
             num_workers:int=None, # threads reading images (default: the CPU count, at most 8)
             device=None, # where the model runs (default: the GPU if there is one)
             threshold=None, # positive when its probability reaches this (a number, or 'site': see `decision_threshold`)
+            adabn=None, # re-estimate BatchNorm statistics on these unlabelled images first ('same': the ones predicted)
+            prior_correction:bool=False, # correct the probabilities for the images' class prior, estimated by EM
            ) -> pd.DataFrame:
     "One row per file: path, label, p_<positive> and error (empty when fine); plus gradcam with `gradcam`."
     check(bs > 0, f"--bs must be positive, got {bs}")
@@ -260,6 +262,7 @@ def predict(model_path, # a run folder, or its `model.safetensors`
     files = image_paths(paths)
     if gradcam: files = files.filter(lambda f: gradcam.resolve() not in Path(f).resolve().parents)  # earlier overlays
     check(files, f"no images to predict outside the Grad-CAM folder {gradcam}")
+    adabn_files = None if adabn is None else files if str(adabn) == 'same' else image_paths(adabn)  # checked before writing
     model, meta = load_predictor(model_path)
     width, written = len(str(len(files) - 1)), []
     overlay = lambda i: gradcam/f"{i:0{width}d}-{Path(files[i]).stem}.png"
@@ -275,6 +278,9 @@ def predict(model_path, # a run folder, or its `model.safetensors`
     if cuda: model = model.to(memory_format=torch.channels_last)
     pre, classes, draft = XrayPreprocess(meta, device), meta['classes'], meta['draft'] if draft is None else draft
     pos_idx, p_col = classes.index(meta['positive']), f"p_{meta['positive'].lower()}"
+    if adabn is not None:
+        from xray_fastai.shift import adabn_model
+        model = adabn_model(model, meta, adabn_files, bs=bs, device=device, draft=draft)
     rows = []
     with ThreadPoolExecutor(num_workers or min(defaults.cpus, 8)) as pool:
         for start in range(0, len(files), bs):
@@ -304,5 +310,9 @@ def predict(model_path, # a run folder, or its `model.safetensors`
     cols = ['path', 'label', p_col, 'error'] + (['gradcam'] if gradcam else [])
     df = pd.DataFrame(rows, columns=cols)
     if gradcam: df['gradcam'] = df.gradcam.fillna('')
+    if adabn is not None: df['adabn'] = str(adabn)
+    if prior_correction:
+        from xray_fastai.shift import correct_prior_df
+        df = correct_prior_df(df, meta, model_path)
     if out: save_predictions(df, out, overwrite)
     return df
