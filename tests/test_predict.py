@@ -10,7 +10,7 @@ from xray_fastai.data import load_source, xray_dataloaders
 from safetensors.torch import save_file
 from xray_fastai.learner import train, load_model_dir
 from xray_fastai.predict import (predict, open_dicom, is_dicom, validation_settings, load_predictor, XrayPreprocess,
-                                 read_xray, grad_cam, cam_overlay)
+                                 read_xray, grad_cam, cam_overlay, cam_figure, cam_layer, cam_stages)
 from conftest import copy_class_folders
 
 @pytest.fixture(scope='module')
@@ -160,9 +160,10 @@ def test_gradcam_overlays_have_image_size(run, fullres, tmp_path):
     df = predict(run, files, gradcam=tmp_path/'cam', bs=2)
     assert (df.error == '').all() and len(set(df.gradcam)) == 3
     for f, png in zip(files, df.gradcam):
-        cam, orig = Image.open(png), Image.open(f)
+        fig, orig = Image.open(png), Image.open(f)
         assert png.endswith('-x.png') or png.endswith(f'-{f.stem}.png')
-        assert cam.format == 'PNG' and cam.mode == 'RGB' and cam.size == orig.size
+        assert fig.format == 'PNG' and fig.mode == 'RGB' and fig.width > orig.width and fig.height > orig.height
+        cam = fig.crop((0, fig.height - orig.height, orig.width, fig.height))  # the overlay, at the image's size, bottom left
         assert np.abs(np.asarray(cam, np.int16) - np.asarray(orig.convert('RGB'), np.int16)).mean() > 5  # a visible heatmap
     np.testing.assert_allclose(df.p_pneumonia, predict(run, files).p_pneumonia, atol=1e-5)
     with pytest.raises(XrayError, match='not empty'): predict(run, files, gradcam=tmp_path/'cam')
@@ -188,15 +189,54 @@ def test_gradcam_overlays_have_image_size(run, fullres, tmp_path):
     assert not (tmp_path/'cam2').exists()  # nothing made for a prediction that never started
 
 def test_grad_cam_warns_when_it_cannot_localise():
-    "At 28 px a resnet's last feature map is 1x1: the overlay is one flat colour, and the user is told why."
+    "At 28 px a resnet's last feature map is 1x1: a layer chosen there gives one flat colour, and the user is told why."
     from xray_fastai.models import build_model
     model = build_model('resnet18', pretrained=False).eval()
-    with pytest.warns(UserWarning, match='last feature map is 1x1 at 28 px'): _, cams = grad_cam(model, torch.randn(2, 1, 28, 28), 1)
+    with pytest.warns(UserWarning, match="layer's feature map is 1x1 at 28 px"):
+        _, cams = grad_cam(model, torch.randn(2, 1, 28, 28), 1, layer='7')
     assert cams.shape == (2, 1, 1)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter('always')
-        grad_cam(model, torch.randn(2, 1, 64, 64), 1)  # 2x2: there is something to localise
+        assert grad_cam(model, torch.randn(2, 1, 28, 28), 1)[1].shape == (2, 7, 7)  # the default layer: layer1
     assert not [w for w in seen if '1x1' in str(w.message)]
+    with pytest.raises(XrayError, match="--cam-layer 'nope' is not a layer"): grad_cam(model, torch.randn(1, 1, 28, 28), layer='nope')
+
+
+def _pneumonia_batch(shared_data, size:int, n:int=6) -> torch.Tensor:
+    files = sorted((shared_data/'chest_xray_224'/'train'/'PNEUMONIA').glob('*.jpeg'))[:n]
+    xb = torch.stack([torch.from_numpy(np.asarray(read_xray(f).resize((size, size)), np.float32) / 255)[None] for f in files])
+    return (xb - 0.5) / 0.25
+
+@pytest.mark.parametrize('arch', ['resnet18', 'mobilenet_v2'])
+def test_grad_cam_localises_at_every_size(shared_data, arch):
+    "At 28, 64 and 224 px the map drawn has at least 7x7 cells and varies over pneumonia images (the body's output: 1x1, 2x2)."
+    from xray_fastai.models import build_model
+    torch.manual_seed(0)
+    model = build_model(arch, pretrained=False).eval()
+    for size, stage in ((28, 7), (64, 8), (224, 7)):
+        xb = _pneumonia_batch(shared_data, size)
+        assert cam_layer(model, size)[1] == (stage, stage)
+        probs, cams = grad_cam(model, xb)  # each image's predicted class
+        assert cams.shape == (len(xb), stage, stage) and (cams.amax((1, 2)) > 0.999).all()  # normalised, none flat at 0
+        assert (cams.flatten(1).std(1) > 0.05).all(), size  # not one flat colour
+        for target in (0, 1): assert grad_cam(model, xb, target)[1].shape == (len(xb), stage, stage)  # either class
+        # what the overlays drew before: the body's output, 1x1 at 28 px and 2x2 at 64 px, cannot pass these checks
+        body_cells = {28: (1, 1), 64: (2, 2), 224: (7, 7)}[size]
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            assert grad_cam(model, xb, 1, layer=model[0])[1].shape[1:] == body_cells
+
+def test_trained_run_grad_cam_localises(run, shared_data):
+    "The 64 px run's overlays come from layer2 (8x8), not from the body's 2x2 output."
+    model, meta = load_predictor(run)
+    model.requires_grad_(False)
+    assert [n for n, _ in cam_stages(model, 64)][-1] == '' and cam_layer(model, 64) == ('5', (8, 8))
+    pre = XrayPreprocess(meta)
+    files = sorted((shared_data/'chest_xray_224'/'train'/'PNEUMONIA').glob('*.jpeg'))[:8]
+    probs, cams = grad_cam(model, pre.batch([pre.item(read_xray(f)) for f in files]).as_subclass(torch.Tensor))
+    assert cams.shape == (8, 8, 8) and 0 <= cams.min() and cams.max() <= 1
+    # (this run's body is untrained and its head tempered by hand: the maps may hold no positive evidence, so no
+    # contrast check here; test_grad_cam_localises_at_every_size checks the contrast)
 
 def test_grad_cam_is_grad_cam(run, fullres):
     "On the run's resnet34, the hook-based maps equal Grad-CAM computed by hand, and do not depend on the batch."
@@ -204,7 +244,7 @@ def test_grad_cam_is_grad_cam(run, fullres):
     model.eval().requires_grad_(False)
     pre = XrayPreprocess(meta)
     xb = pre.batch([pre.item(read_xray(f)) for f in fullres[:8]]).as_subclass(torch.Tensor)
-    probs, cams = grad_cam(model, xb, 1)
+    probs, cams = grad_cam(model, xb, 1, layer=model[0])  # the body's output, as by hand below
     acts = model[0](xb).detach().requires_grad_()
     logits = model[1](acts)
     g, = torch.autograd.grad(logits[:, 1].sum(), acts)
@@ -213,7 +253,17 @@ def test_grad_cam_is_grad_cam(run, fullres):
     assert cams.shape == (8, 2, 2) and 0 <= cams.min() and cams.max() <= 1  # 64 px input: a 2x2 map
     torch.testing.assert_close(cams, ref, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(probs, logits.detach().softmax(1))
-    torch.testing.assert_close(grad_cam(model, xb[3:4], 1)[1], cams[3:4], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grad_cam(model, xb[3:4], 1, layer=model[0])[1], cams[3:4], atol=1e-5, rtol=1e-4)
+    # the default layer, layer2 (8x8), by hand: the body's first six children, then the rest of the network
+    probs8, cams8 = grad_cam(model, xb, 1)
+    acts = model[0][:6](xb).detach().requires_grad_()
+    g, = torch.autograd.grad(model[1](model[0][6:](acts))[:, 1].sum(), acts)
+    ref = torch.relu((g.mean((2, 3), keepdim=True) * acts).sum(1)).detach()
+    torch.testing.assert_close(cams8, ref / ref.flatten(1).amax(1).clamp_min(1e-12)[:, None, None], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(probs8, probs)
+    # explaining the predicted class: each image's own argmax, in one batch
+    pred, cams_pred = probs.argmax(1), grad_cam(model, xb)[1]
+    for i in range(len(xb)): torch.testing.assert_close(cams_pred[i], grad_cam(model, xb[i:i+1], int(pred[i]))[1][0], atol=1e-5, rtol=1e-4)
 
 def test_grad_cam_finds_the_evidence():
     "A model whose positive logit is the mean brightness: Grad-CAM lights up exactly where the image is bright."
@@ -229,6 +279,20 @@ def test_grad_cam_finds_the_evidence():
     assert (cams[1] == 0).all() and probs[0, 1] > 0.5 > probs[1, 1]
     ov = np.asarray(cam_overlay(Image.new('L', (640, 320), 100), cams[0]), np.int16)  # upsampled to the image
     assert ov.shape == (320, 640, 3) and ov[10, 10, 0] > ov[10, 10, 2] + 50 and ov[300, 600, 2] > ov[300, 600, 0] + 50
+
+def test_cam_figure_is_readable():
+    "The figure: the overlays at the image's size side by side, a header, captions and a colour bar (hot at the top)."
+    im = Image.new('L', (300, 200), 128)
+    cams = [torch.tensor([[1., 0.], [1., 0.]]), torch.zeros(2, 2)]
+    fig = cam_figure(im, cams, ['evidence for NORMAL', 'evidence for PNEUMONIA'], 'PNEUMONIA   P(pneumonia) = 0.930')
+    a = np.asarray(fig, np.int16)
+    top = fig.height - 200
+    assert fig.width > 600 and top > 20
+    np.testing.assert_array_equal(a[top:, :300], np.asarray(cam_overlay(im, cams[0]), np.int16))
+    assert (a[:top - 1] < 100).any() and (a[:top - 1] > 250).any()  # dark text on white above the panels
+    x = next(x for x in range(600, fig.width) if (np.abs(np.diff(a[top + 100, x])) > 100).any())  # the bar: saturated colours
+    assert a[top + 2, x, 0] > a[top + 2, x, 2] + 100 and a[fig.height - 3, x, 2] > a[fig.height - 3, x, 0] + 100  # red top, blue bottom
+    assert (a[top:, x + 30:] < 100).any()  # tick labels
 
 def test_cam_overlay():
     im = Image.new('L', (300, 200), 128)
@@ -282,7 +346,7 @@ def test_dicom(run, fullres, tmp_path):
     assert is_dicom(tmp_path/'IMG0001') and not is_dicom(fullres[0])
     df = predict(run, tmp_path, gradcam=tmp_path/'cam')
     assert len(df) == 6 and (df.error == '').all() and df.p_pneumonia.between(0, 1).all()
-    assert all(Image.open(png).size == (p.shape[1], p.shape[0]) for png in df.gradcam)
+    assert all(Image.open(png).width > p.shape[1] and Image.open(png).height > p.shape[0] for png in df.gradcam)  # + captions, bar
     # this JPEG spans 0-255, so the DICOM holds exactly its image: the same probability
     assert (expect == p).all()
     row = df.set_index('path').loc[str(tmp_path/'m2.dcm')]

@@ -21,10 +21,10 @@ __all__ = ['SourceArg', 'SourceOpt', 'DatasetArg', 'DataDirOpt', 'MirrorOpt', 'N
            'AugOpt', 'AugParamOpt', 'LrMethodOpt', 'ClassWeightsOpt', 'WorkersOpt', 'CacheOpt', 'EpochsOpt', 'LrOpt',
            'LrMultOpt', 'FreezeEpochsOpt', 'MonitorOpt', 'PatienceOpt', 'WdOpt', 'MixupOpt', 'RecipeOpt', 'SiteOpt',
            'RunDirArg', 'RunDirsArg', 'EvalSourceOpt', 'SplitOpt', 'TargetRecallOpt', 'TtaOpt', 'ThresholdOnOpt',
-           'ThresholdRuleOpt', 'ModelArg', 'PredictPathsArg', 'PredsOutOpt', 'GradcamOpt', 'OverwriteOpt',
-           'FastDecodeOpt', 'typer_factory', 'examples', 'debugging', 'main', 'data_download', 'format_info',
-           'data_info', 'data_verify', 'train_cmd', 'lr_find_cmd', 'evaluate_cmd', 'ensemble_cmd', 'compare_cmd',
-           'experiment_cmd', 'predict_cmd', 'shift_cmd']
+           'ThresholdRuleOpt', 'AdabnOpt', 'PriorCorrectionOpt', 'ModelArg', 'PredictPathsArg', 'PredsOutOpt',
+           'GradcamOpt', 'CamClassOpt', 'CamLayerOpt', 'OverwriteOpt', 'FastDecodeOpt', 'typer_factory', 'examples',
+           'debugging', 'main', 'data_download', 'format_info', 'data_info', 'data_verify', 'train_cmd', 'lr_find_cmd',
+           'evaluate_cmd', 'ensemble_cmd', 'compare_cmd', 'experiment_cmd', 'predict_cmd', 'shift_cmd']
 
 # %% ../nbs/07_cli.ipynb #542c9318
 def typer_factory(help:str, # what the app or group is for
@@ -350,6 +350,14 @@ ThresholdRuleOpt = Annotated[str, typer.Option('--threshold-rule',
     help="with --threshold-on: recall (the highest threshold reaching --target-recall there), youden (max recall + "
          "specificity - 1, i.e. max balanced accuracy) or balanced (recall and specificity closest)")]
 
+# %% ../nbs/07_cli.ipynb #5b13a0c1
+AdabnOpt = Annotated[Optional[str], typer.Option('--adabn', metavar='IMAGES|same', show_default=False,
+    help="AdaBN: re-estimate the BatchNorm statistics on unlabelled images of the site (a folder in any layout, a file "
+         "or a CSV list), or on the images evaluated/predicted ('same'), before predicting them (see the shift docs)")]
+PriorCorrectionOpt = Annotated[bool, typer.Option('--prior-correction',
+    help="correct the probabilities for the class prior of the images evaluated/predicted, estimated by EM "
+         "without labels (Saerens et al. 2002)")]
+
 # %% ../nbs/07_cli.ipynb #0add23fd
 @app.command('evaluate', no_args_is_help=True, epilog=examples(
     'evaluate runs/20261128-101500-resnet34-finetune',
@@ -445,6 +453,11 @@ PredsOutOpt = Annotated[Path, typer.Option('--out', '-o', metavar='CSV',
     help="where to write the predictions: path, label, p_<positive class> (p_pneumonia), error[, gradcam]")]
 GradcamOpt = Annotated[Optional[Path], typer.Option('--gradcam', metavar='DIR', show_default=False,
     help="also write a Grad-CAM overlay (PNG, at the image's size) for every image into DIR")]
+CamClassOpt = Annotated[str, typer.Option('--cam-class', help="what the Grad-CAM overlays explain: predicted (each image's "
+    "predicted class), positive (the positive class) or both (one panel per class)")]
+CamLayerOpt = Annotated[Optional[str], typer.Option('--cam-layer', metavar='NAME', show_default=False,
+    help=r"the layer of the body Grad-CAM explains, e.g. 5 (a resnet's layer2); a wrong name lists them \[default: the "
+         "deepest stage whose map is at least 7x7 at the run's input size]")]
 OverwriteOpt = Annotated[bool, typer.Option('--overwrite', help="replace an existing --out CSV, and the overlays an earlier prediction listed in --gradcam's overlays.json")]
 FastDecodeOpt = Annotated[bool, typer.Option('--fast-decode',
     help="decode JPEGs at reduced scale: faster on full-resolution images, but unless the run trained that way "
@@ -461,13 +474,14 @@ def predict_cmd(model:ModelArg, paths:PredictPathsArg, out:PredsOutOpt=Path('pre
                 threshold:Annotated[Optional[str], typer.Option('--threshold', metavar='T|site', show_default=False,
                     help=r"call an image positive when its probability reaches T, or the threshold `evaluate --threshold-on` "
                          r"chose ('site') \[default: the likelier class]")]=None,
-                adabn:AdabnOpt=None, prior_correction:PriorCorrectionOpt=False):
+                adabn:AdabnOpt=None, prior_correction:PriorCorrectionOpt=False, cam_class:CamClassOpt='predicted',
+                cam_layer:CamLayerOpt=None):
     """Predict NORMAL / PNEUMONIA for images with a trained model and write a CSV.
 
     Images are preprocessed exactly as the run's validation set. Unreadable files are listed in the CSV with an error instead of a prediction (and counted on stderr); they never stop the run."""
     from xray_fastai.predict import predict
     df = predict(model, paths, bs=bs, gradcam=gradcam, out=out, overwrite=overwrite, draft=fast_decode or None,
-                 threshold=threshold, adabn=adabn, prior_correction=prior_correction)
+                 threshold=threshold, adabn=adabn, prior_correction=prior_correction, cam_class=cam_class, layer=cam_layer)
     bad, no_cam = df[df.label == ''], df[(df.label != '') & (df.error != '')]  # the latter: predicted, overlay failed
     typer.echo(f"{out}: {len(df) - len(bad)} of {len(df)} images predicted" +
                (f", {len(bad)} unreadable (see its error column), e.g. {bad.path.iloc[0]}: {bad.error.iloc[0]}"

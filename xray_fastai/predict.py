@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np, pandas as pd, torch
 import torch.nn.functional as F
+from torch import nn
 from PIL import Image
 from fastcore.all import *
 from fastai.vision.all import (Resize, ResizeMethod, ToTensor, IntToFloatTensor, Normalize, Pipeline, TensorImageBW,
@@ -22,9 +23,9 @@ from .learner import load_model_dir
 from concurrent.futures import ThreadPoolExecutor  # the standard one: fastcore's (star-imported) maps f(item, *args)
 
 # %% auto #0
-__all__ = ['DICOM_EXTS', 'OVERLAYS', 'is_dicom', 'image_paths', 'open_dicom', 'read_xray', 'validation_settings',
-           'XrayPreprocess', 'load_predictor', 'grad_cam', 'cam_overlay', 'save_predictions', 'decision_threshold',
-           'predict']
+__all__ = ['DICOM_EXTS', 'CAM_MIN_CELLS', 'OVERLAYS', 'is_dicom', 'image_paths', 'open_dicom', 'read_xray', 'validation_settings',
+           'XrayPreprocess', 'load_predictor', 'cam_stages', 'cam_layer', 'grad_cam', 'cam_overlay', 'cam_figure',
+           'save_predictions', 'decision_threshold', 'predict']
 
 # %% ../nbs/06_predict.ipynb #22f10bf3
 DICOM_EXTS = {'.dcm', '.dicom'}
@@ -150,36 +151,121 @@ def load_predictor(model_path, # a run folder, or its `model.safetensors`
     folder = Path(model_path).expanduser()
     return model, {**meta, **validation_settings(meta, folder if folder.is_dir() else folder.parent)}
 
-# %% ../nbs/06_predict.ipynb #b55b1381
+# %% ../nbs/06_predict.ipynb #56c4f4f2
+def _chain(body) -> list:
+    "`(name, module)` of `body` and its stages: Sequential/ModuleList containers and wrappers are opened, blocks are not."
+    res, todo = [], [('', body)]
+    while todo:
+        name, m = todo.pop(0)
+        res.append((name, m))
+        kids = list(m.named_children())
+        if m is body or isinstance(m, (nn.Sequential, nn.ModuleList)) or name == 'model':  # 'model': TimmBody's timm model
+            todo[:0] = [(f"{name}.{k}" if name else k, c) for k, c in kids]
+    return res
+
+def cam_stages(model, # `Sequential(body, head)`
+               size:int, # input size (px)
+              ) -> list:
+    "`(name, (h, w))` of the body's stages with 2-d outputs, in the order they finish at `size` px ('' is the whole body)."
+    shapes, hooks, body = [], [], model[0]
+    for name, m in _chain(body):
+        hooks.append(m.register_forward_hook(lambda m, i, o, name=name: shapes.append((name, tuple(o.shape[-2:])))
+                                             if isinstance(o, torch.Tensor) and o.ndim == 4 else None))
+    p, was = next(model.parameters()), body.training
+    n_in = next((m.in_channels for m in body.modules() if isinstance(m, nn.Conv2d)), 1)
+    try:
+        with torch.no_grad(): body.eval()(torch.zeros(1, n_in, size, size, device=p.device, dtype=p.dtype))
+    finally:
+        body.train(was)
+        for h in hooks: h.remove()
+    return list(dict(shapes).items())
+
+# %% ../nbs/06_predict.ipynb #88fa8d1e
+CAM_MIN_CELLS = 7  # a Grad-CAM map is taken from the deepest stage at least this many cells high and wide
+
+def cam_layer(model, # `Sequential(body, head)`
+              size:int, # input size (px)
+              name:str|None=None, # a stage (or any module) of the body by name, as `cam_stages` lists them
+             ) -> tuple:
+    "`(name, (h, w))` of the layer Grad-CAM explains at `size` px: `name`, else the deepest stage at least 7x7."
+    stages = cam_stages(model, size)
+    check(stages, "Grad-CAM needs a convolutional body: this one outputs no 2-d feature maps")
+    if name is None:
+        big = [s for s in stages if min(s[1]) >= CAM_MIN_CELLS]
+        return big[-1] if big else max(reversed(stages), key=lambda s: s[1][0] * s[1][1])  # else the largest map, deepest
+    found, mods = dict(stages).get(str(name)), dict(model[0].named_modules())
+    deepest = {hw: n for n, hw in stages}  # the deepest stage of each map size
+    check(found is not None or str(name) in mods, f"--cam-layer {name!r} is not a layer of this model's body; the deepest "
+          f"stage of each map size at {size} px: " + ', '.join(f"{n or 'body'} ({h}x{w})" for (h, w), n in deepest.items()))
+    return str(name), found
+
+# %% ../nbs/06_predict.ipynb #6db69eed
 def grad_cam(model, # `Sequential(body, head)`, in eval mode
              xb:torch.Tensor, # a normalised batch
-             pos_idx:int, # the class whose logit is explained
+             target=None, # the class explained: an index, one per image, or None for each image's predicted class
+             layer=None, # a layer name (`cam_layer`) or module; default: the deepest stage at least 7x7 at xb's size
             ) -> tuple:
-    "Softmax probabilities `(n, n_classes)` and Grad-CAM maps `(n, h, w)` in [0, 1] for class `pos_idx`."
-    xb = xb.detach().requires_grad_()  # puts the body's output in the graph, whatever the parameters' flags
-    with torch.enable_grad(), hook_output(model[0], detach=False) as hook:
+    "Softmax probabilities `(n, n_classes)` and Grad-CAM maps `(n, h, w)` in [0, 1] explaining class `target`."
+    if not isinstance(layer, nn.Module): layer = model[0].get_submodule(cam_layer(model, xb.shape[-1], layer)[0])
+    xb = xb.detach().requires_grad_()  # puts the layer's output in the graph, whatever the parameters' flags
+    with torch.enable_grad(), hook_output(layer, detach=False) as hook:
         logits = model(xb)
         acts = hook.stored
-        check(acts.ndim == 4, f"Grad-CAM needs a convolutional body; this one outputs shape {tuple(acts.shape)}")
-        if acts.shape[-2:] == (1, 1): warnings.warn(f"the body's last feature map is 1x1 at {xb.shape[-1]} px input, so the "
-                                                     "Grad-CAM overlays are one flat colour: train at a larger --size to localise")
-        grads, = torch.autograd.grad(logits[:, pos_idx].sum(), acts)  # samples are independent in eval mode
+        check(isinstance(acts, torch.Tensor) and acts.ndim == 4, "Grad-CAM needs a convolutional layer; this one outputs "
+              f"{tuple(acts.shape) if isinstance(acts, torch.Tensor) else type(acts).__name__}")
+        if acts.shape[-2:] == (1, 1): warnings.warn(f"the Grad-CAM layer's feature map is 1x1 at {xb.shape[-1]} px input, so "
+                                                     "the overlays are one flat colour: choose an earlier --cam-layer")
+        t = logits.argmax(1) if target is None else torch.as_tensor(target, device=logits.device).expand(len(logits))
+        grads, = torch.autograd.grad(logits.gather(1, t[:, None].long()).sum(), acts)  # images are independent in eval mode
     acts, grads, logits = (t.detach().float().as_subclass(torch.Tensor) for t in (acts, grads, logits))
     cam = F.relu((grads.mean((2, 3), keepdim=True) * acts).sum(1))
     cam = cam / cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
     return logits.softmax(1), cam
 
+# %% ../nbs/06_predict.ipynb #de16e6b0
 def cam_overlay(im:Image.Image, # the image, at its original size
                 cam:torch.Tensor, # `(h, w)` map in [0, 1]
                 alpha:float=0.4, # opacity of the heatmap
                 cmap:str='jet', # a matplotlib colormap name
                ) -> Image.Image:
     "RGB `im` with `cam`, upsampled to its size, drawn over it in colormap `cmap`."
-    import matplotlib
     heat = Image.fromarray(cam.float().cpu().numpy(), 'F').resize(im.size, Image.BILINEAR)
     idx = np.round(np.clip(np.asarray(heat), 0, 1) * 255).astype(np.uint8)
-    lut = np.round(matplotlib.colormaps[cmap](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
-    return Image.blend(im.convert('RGB'), Image.fromarray(lut[idx]), alpha)
+    return Image.blend(im.convert('RGB'), Image.fromarray(_lut(cmap)[idx]), alpha)
+
+def _lut(cmap:str) -> np.ndarray:
+    import matplotlib
+    return np.round(matplotlib.colormaps[cmap](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
+
+# %% ../nbs/06_predict.ipynb #72dae770
+def cam_figure(im:Image.Image, # the image, at its original size
+               cams:list, # `(h, w)` maps in [0, 1], one panel each
+               titles:list, # a caption per map (the class it explains)
+               header:str='', # a line above (the prediction and its probability)
+               alpha:float=0.4, # opacity of the heatmap
+               cmap:str='jet', # a matplotlib colormap name
+              ) -> Image.Image:
+    "The `cam_overlay`s of `cams` side by side, each under its title, `header` above and a colour bar on the right."
+    from PIL import ImageDraw, ImageFont
+    (w, h), n = im.size, len(cams)
+    fs = max(11, round(min(h, 2 * w) / 24)); pad = fs // 2
+    font = ImageFont.load_default(size=fs)
+    top, bar = (2 if header else 1) * (fs + pad) + pad, max(fs, w // 30)
+    draw = ImageDraw.Draw(Image.new('RGB', (1, 1)))
+    ticks = ['1 high', '0.5', '0 low']
+    tw = max(draw.textlength(t, font=font) for t in ticks)
+    canvas = Image.new('RGB', (n * (w + pad) + bar + pad + int(tw) + pad, top + h), 'white')
+    draw = ImageDraw.Draw(canvas)
+    if header: draw.text((pad, pad), header, fill='black', font=font)
+    for i, (cam, title) in enumerate(zip(cams, titles)):
+        canvas.paste(cam_overlay(im, cam, alpha, cmap), (i * (w + pad), top))
+        draw.text((i * (w + pad) + pad, top - fs - pad), title, fill='black', font=font)
+    x0 = n * (w + pad)
+    grad = _lut(cmap)[np.round(np.linspace(255, 0, h)).astype(np.uint8)]  # top: 1, bottom: 0
+    canvas.paste(Image.fromarray(np.repeat(grad[:, None], bar, 1)), (x0, top))
+    for t, y in zip(ticks, (top, top + h // 2 - fs // 2, top + h - fs - 2)):
+        draw.text((x0 + bar + pad, y), t, fill='black', font=font)
+    return canvas
 
 # %% ../nbs/06_predict.ipynb #6a4c5820
 def _check_out(out, overwrite:bool):
@@ -211,10 +297,10 @@ def _overlays(folder) -> list|None:
     if not isinstance(names, list): return None
     return [n for n in names if isinstance(n, str) and n == Path(n).name and n.endswith('.png')]
 
-def _save_overlay(fn, cam, dest:Path) -> str:
-    "Write the Grad-CAM overlay of image `fn` to `dest`; its path, or an error message (starting with `!`)."
+def _save_overlay(fn, cams, titles, header, dest:Path) -> str:
+    "Write the Grad-CAM figure (`cam_figure`) of image `fn` to `dest`; its path, or an error message (starting with `!`)."
     try:
-        with atomic_path(dest) as tmp: cam_overlay(read_xray(fn), cam).save(tmp, format='PNG')
+        with atomic_path(dest) as tmp: cam_figure(read_xray(fn), cams, titles, header).save(tmp, format='PNG')
         return str(dest)
     except Exception as e: return '!' + _why(e)
 
@@ -240,7 +326,9 @@ def decision_threshold(model_path, # a run folder, or its `model.safetensors`
 def predict(model_path, # a run folder, or its `model.safetensors`
             paths, # image/DICOM files, folders (searched recursively) and CSVs with a `path` column
             bs:int=64, # batch size
-            gradcam=None, # folder for Grad-CAM overlays: one PNG per image, at the image's size
+            gradcam=None, # folder for Grad-CAM overlays: one PNG per image (`cam_figure`: the image's size, captions, colour bar)
+            cam_class:str='predicted', # the class the overlays explain: 'predicted', 'positive' or 'both' (one panel each)
+            layer:str|None=None, # the layer Grad-CAM explains (`cam_stages`); default: the deepest stage at least 7x7
             out=None, # also write the predictions to this CSV
             overwrite:bool=False, # replace an existing `out`, and the overlays `OVERLAYS` lists in `gradcam`
             draft:bool=None, # decode JPEGs at reduced scale (faster); default: as the run did
@@ -253,6 +341,7 @@ def predict(model_path, # a run folder, or its `model.safetensors`
     "One row per file: path, label, p_<positive> and error (empty when fine); plus gradcam with `gradcam`."
     check(bs > 0, f"--bs must be positive, got {bs}")
     thr = decision_threshold(model_path, threshold)
+    check(cam_class in ('predicted', 'positive', 'both'), f"--cam-class must be predicted, positive or both, got {cam_class!r}")
     if out: _check_out(out, overwrite)
     if gradcam:
         earlier = _overlays(gradcam)  # the overlays an earlier prediction listed there: --overwrite replaces only those
@@ -264,6 +353,7 @@ def predict(model_path, # a run folder, or its `model.safetensors`
     check(files, f"no images to predict outside the Grad-CAM folder {gradcam}")
     adabn_files = None if adabn is None else files if str(adabn) == 'same' else image_paths(adabn)  # checked before writing
     model, meta = load_predictor(model_path)
+    if gradcam: layer = model[0].get_submodule(cam_layer(model, meta['size'], layer)[0])  # a wrong name: before any write
     width, written = len(str(len(files) - 1)), []
     overlay = lambda i: gradcam/f"{i:0{width}d}-{Path(files[i]).stem}.png"
     if gradcam:  # only now that the images and the model are fine
@@ -293,15 +383,22 @@ def predict(model_path, # a run folder, or its `model.safetensors`
                     xb = pre.batch([loaded[i][0] for i in ok])
                     if cuda: xb = xb.contiguous(memory_format=torch.channels_last)
                     with torch.autocast('cuda', dtype=torch.bfloat16, enabled=cuda):
-                        if gradcam: probs, cams = grad_cam(model, xb, pos_idx)
+                        if gradcam:
+                            targets = dict(predicted=[None], positive=[pos_idx], both=range(len(classes)))[cam_class]
+                            outs = [grad_cam(model, xb, t, layer) for t in targets]
+                            probs, cams = outs[0][0], torch.stack([c for _, c in outs], 1)  # (n, panels, h, w)
                         else: probs = model(xb).float().softmax(1)
                     probs = probs.cpu().numpy()
             decide = lambda p: int(p.argmax()) if thr is None else pos_idx if p[pos_idx] >= thr else 1 - pos_idx  # two classes
             res = {i: dict(label=classes[decide(p)], **{p_col: float(p[pos_idx])}, error='')
                    for i, p in zip(ok, probs if ok else [])}
             if gradcam and ok:
-                dests = [overlay(start + i) for i in ok]
-                for i, saved in zip(ok, pool.map(_save_overlay, [chunk[i] for i in ok], cams.cpu(), dests)):
+                dests, cams = [overlay(start + i) for i in ok], cams.cpu()
+                titles = [[f"Grad-CAM: evidence for {c}" + ('' if cam.amax() > 0 else ' (none found)') for c, cam in
+                           zip([res[i]['label']] if cam_class == 'predicted' else [meta['positive']] if cam_class == 'positive'
+                               else classes, cs)] for i, cs in zip(ok, cams)]
+                headers = [f"{res[i]['label']}   P({meta['positive'].lower()}) = {res[i][p_col]:.3f}" for i in ok]
+                for i, saved in zip(ok, pool.map(_save_overlay, [chunk[i] for i in ok], cams, titles, headers, dests)):
                     if saved.startswith('!'): res[i]['error'] = f"Grad-CAM overlay failed: {saved[1:]}"
                     else: res[i]['gradcam'] = saved; written.append(Path(saved).name)
                 save_json(written, gradcam/OVERLAYS)  # after every batch: an interrupted prediction's overlays are listed too
