@@ -122,7 +122,7 @@ def test_save_that_fails_midway_keeps_the_previous_file(tmp_path, monkeypatch):
     torch.save({'epoch': 1}, target)
     before = target.read_bytes()
     def broken_save(obj, f, *a, **k):
-        Path(f).write_bytes(b'half a checkpoint'); raise OSError('disk full')
+        f.write(b'half a checkpoint'); raise OSError('disk full')
     monkeypatch.setattr(learner.torch, 'save', broken_save)
     class FakeLearn:  # just what save_checkpoint reads
         model, opt = torch.nn.Linear(2, 2), None

@@ -103,6 +103,9 @@ def main(args:list|None=None, # command line arguments (default: `sys.argv[1:]`)
             if debugging(): traceback.print_exc()
             elif _rank0(): print(f"error: {_one_line(e)}", file=sys.stderr)
             sys.exit(2)
+        except Preempted:  # SIGTERM: the run is saved (see `reliability`); 143 as for a process the signal killed
+            if debugging(): traceback.print_exc()
+            sys.exit(143)
         except KeyboardInterrupt:
             if debugging(): traceback.print_exc()
             sys.exit(130)
@@ -286,6 +289,8 @@ def train_cmd(ctx:typer.Context, recipe:RecipeOpt=None, source:SourceOpt='pneumo
               class_weights:ClassWeightsOpt=False, wd:WdOpt=None, cache:CacheOpt=False, seed:SeedOpt=42,
               data_dir:DataDirOpt=None, valid_pct:ValidPctOpt=0.2, no_verify:NoVerifyOpt=False,
               num_workers:WorkersOpt=None,
+              checkpoint_every:Annotated[Optional[int], typer.Option('--checkpoint-every', metavar='N', show_default=False,
+                  help="also save the run (last.pth) every N batches, for long epochs; SIGTERM saves the batch it stops after")]=None,
               out:Annotated[Optional[Path], typer.Option('--out', '-o', show_default=False,
                   help=r"run folder (new or empty) \[default: runs/<timestamp>-<arch>-<mode>]")]=None,
               resume:Annotated[Optional[Path], typer.Option('--resume', metavar='RUN_DIR', show_default=False,

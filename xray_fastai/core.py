@@ -6,18 +6,25 @@ Docs: https://xray-fastai.github.io/xray-fastai/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #17447a59
 from __future__ import annotations
-import hashlib, json, os, re, tempfile, time
+import errno, hashlib, json, os, re, shutil, tempfile, time
 from contextlib import contextmanager
 from pathlib import Path
 from fastcore.imports import IN_NOTEBOOK
 
 # %% auto #0
-__all__ = ['STALE_TMP_SECONDS', 'XrayError', 'check', 'check_out_dir', 'remove_stale_tmp', 'atomic_path', 'atomic_write_text',
-           'save_json', 'load_json', 'data_dir', 'pyplot', 'save_fig', 'md5sum']
+__all__ = ['STALE_TMP_SECONDS', 'NO_SPACE', 'READ_ONLY', 'XrayError', 'Preempted', 'DamagedFileError', 'check', 'check_out_dir',
+           'remove_stale_tmp', 'no_space_error', 'read_only_error', 'atomic_path', 'atomic_write_text', 'save_json',
+           'load_json', 'data_dir', 'pyplot', 'save_fig', 'md5sum']
 
 # %% ../nbs/00_core.ipynb #0cf8ce33
 class XrayError(Exception):
     "A problem the user can fix; the CLI prints it as one line, without a traceback."
+
+class Preempted(BaseException):
+    "The process was asked to stop (SIGTERM) and saved its work; not an `Exception`, so that nothing swallows it."
+
+class DamagedFileError(XrayError, ValueError):
+    "A file of ours that is truncated or garbled (a `ValueError` too, as the parse errors it replaces)."
 
 # %% ../nbs/00_core.ipynb #9d34f261
 def check(cond, msg:str):
@@ -51,26 +58,59 @@ def remove_stale_tmp(folder, max_age:float=STALE_TMP_SECONDS) -> list:
         except FileNotFoundError: pass  # another process cleaned it first
     return gone
 
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # a full disk, or a full quota
+READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+def _mb(n:int) -> str: return f"{n:,} bytes ({n / 2**20:.1f} MiB)"
+
+def no_space_error(folder, # where the file was being written
+                   name:str, # the file
+                   need:int=None, # bytes it needs (None: unknown, at least what was written)
+                   written:int=0, # bytes written before the disk filled
+                  ) -> XrayError:
+    "The one-line error for a full disk: the folder, the bytes needed and the bytes free."
+    free = shutil.disk_usage(folder).free
+    need = max(need or 0, written + 1)
+    more = f"{_mb(need)}" if need > written + 1 else f"more than {_mb(written)}"
+    return XrayError(f"no space left in {folder} for {name}: it needs {more}, {_mb(free)} are free; "
+                     f"free some space (nothing earlier was changed) and run the command again")
+
+def read_only_error(folder, e:OSError) -> XrayError:
+    "The one-line error for a folder we may not write in."
+    return XrayError(f"cannot write in {folder} ({e.strerror}): make it writable, or choose another folder")
+
 @contextmanager
-def atomic_path(path):
+def atomic_path(path,
+                need=None, # bytes the file will take (an int, or a function giving it), for a full disk's message
+               ):
     "Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.parent not in _swept:  # a SIGKILL skips the clean-up below: a download or cache can leave gigabytes behind
-        remove_stale_tmp(path.parent); _swept.add(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.parent not in _swept:  # a SIGKILL skips the clean-up below: a download or cache can leave gigabytes behind
+            remove_stale_tmp(path.parent); _swept.add(path.parent)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    except OSError as e:
+        if e.errno in READ_ONLY: raise read_only_error(path.parent, e) from None
+        if e.errno in NO_SPACE: raise no_space_error(path.parent, path.name, need() if callable(need) else need) from None
+        raise
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_UMASK)  # as `open` would make it: mkstemp's 0600 would hide caches and runs from others
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno not in NO_SPACE: raise
+        written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
+        os.unlink(tmp)  # the space it holds is the user's
+        raise no_space_error(path.parent, path.name, need() if callable(need) else need, written) from None
     finally:
         if os.path.exists(tmp): os.unlink(tmp)
 
 # %% ../nbs/00_core.ipynb #d0ee2aba
 def atomic_write_text(path, text:str):
     "Write `text` to `path` atomically."
-    with atomic_path(path) as tmp: Path(tmp).write_text(text)
+    with atomic_path(path, need=len(text.encode())) as tmp: Path(tmp).write_text(text)
     return Path(path)
 
 def save_json(obj, path):
@@ -78,8 +118,11 @@ def save_json(obj, path):
     return atomic_write_text(path, json.dumps(obj, indent=2, default=str) + '\n')
 
 def load_json(path):
-    "Read a JSON file."
-    return json.loads(Path(path).read_text())
+    "Read a JSON file; a truncated or garbled one is a `DamagedFileError` naming it."
+    try: return json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DamagedFileError(f"{path} is damaged (not valid JSON: {str(e).splitlines()[0][:80]}): restore it from "
+                               "a copy, or remove what holds it and make it again") from None
 
 # %% ../nbs/00_core.ipynb #82a1ad44
 def data_dir(path=None) -> Path:

@@ -6,7 +6,7 @@ Docs: https://xray-fastai.github.io/xray-fastai/data.html.md"""
 
 # %% ../nbs/01_data.ipynb #028c1b36
 from __future__ import annotations
-import hashlib, http.client, os, re, sys, urllib.error, urllib.request, warnings, zipfile
+import hashlib, http.client, os, re, sys, urllib.error, urllib.request, warnings, zipfile, zlib
 from collections import Counter
 from pathlib import Path
 
@@ -52,11 +52,16 @@ def _cache_dir(path) -> Path:
 
 def _fetch(url, dest:Path, md5:str|None, timeout=30):
     "Stream `url` to `dest` through a temporary file; keep it only if its MD5 is `md5`."
-    with atomic_path(dest) as tmp:
+    size = None
+    with atomic_path(dest, need=lambda: size and int(size)) as tmp:
         try:
             with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, 'wb') as f:
-                while chunk := r.read(1 << 20): f.write(chunk)
                 size = r.headers.get('Content-Length')
+                while chunk := r.read(1 << 20): f.write(chunk)
+        except OSError as e:
+            if e.errno in NO_SPACE: raise  # `atomic_path` says where, and how much is needed
+            reason = getattr(e, 'reason', None) or f"{type(e).__name__}: {e}"
+            raise XrayError(f"could not download {url} ({reason}); download it by hand and put it at {dest}") from e
         # HTTPException: a response cut short; ValueError: not a URL (e.g. a mirror without http://)
         except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
             reason = getattr(e, 'reason', None) or f"{type(e).__name__}: {e}"
@@ -192,8 +197,9 @@ def _read_npz(path:Path):
             check(set(need) <= set(f.files), f"{path} is not a MedMNIST file: it lacks {sorted(set(need) - set(f.files))}")
             ims = [f[f'{s}_images'] for s in ('train', 'val', 'test')]
             lbls = [f[f'{s}_labels'] for s in ('train', 'val', 'test')]
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:  # ValueError: not a zip, or pickled arrays
-        raise XrayError(f"{path} is not a readable .npz file ({type(e).__name__}: {e})") from None
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, zlib.error) as e:  # ValueError: not a zip, or pickled arrays
+        raise XrayError(f"{path} is not a readable .npz file ({type(e).__name__}: {str(e).splitlines()[0][:120]}): it is damaged "
+                        "or cut short; replace it (a downloaded dataset: delete it, and it is downloaded again)") from None
     check(all(l.ndim == 1 or l.shape[1:] == (1,) for l in lbls), f"{path}: one label per image is needed, got label "
           f"arrays of shape {[l.shape for l in lbls]} (multi-label MedMNIST sets are not binary X-ray tasks)")
     lbls = [l.reshape(-1) for l in lbls]
@@ -353,6 +359,16 @@ def _presize(f, size:int) -> np.ndarray:
     return np.asarray(Resize(size, ResizeMethod.Squish)(im, split_idx=1))
 
 # %% ../nbs/01_data.ipynb #e42c5bba
+def _damaged_cache(path, n:int, size:int) -> str|None:
+    "What is wrong with presize cache `path`, which should hold `n` images of `size` px; None if it looks whole."
+    try:
+        with open(path, 'rb') as f:
+            shape, _, dtype = np.lib.format._read_array_header(f, np.lib.format.read_magic(f))
+            start = f.tell()
+    except Exception as e: return f"unreadable header: {type(e).__name__}"
+    if shape != (n, size, size) or dtype != np.uint8: return f"it holds {shape} {dtype}, not ({n}, {size}, {size}) uint8"
+    if (got := os.path.getsize(path)) != start + n * size * size: return f"{got} bytes, not {start + n * size * size}"
+
 def presize_cache(files, # image paths, in row order
                   size:int, # item size (px)
                   folder=None, # cache folder (default: `data_dir()/'presize'`)
@@ -362,12 +378,16 @@ def presize_cache(files, # image paths, in row order
     "Path of the `(n, size, size)` uint8 `.npy` of `files` presized to `size` px, built (once) if needed."
     folder = Path(folder) if folder else _cache_dir(None)/'presize'
     path = presize_cache_path(files, size, folder, name)
-    if path.exists(): return path
+    if path.exists():
+        if (why := _damaged_cache(path, len(files), size)) is None: return path
+        warnings.warn(f"the presize cache {path} is damaged ({why}): building it again")
     try: folder.mkdir(parents=True, exist_ok=True)
     except OSError as e: raise XrayError(f"cannot use {folder} as the presize cache ({e.strerror})") from None
     print(f"presizing {len(files)} images to {size} px into {path}", file=sys.stderr)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, need=len(files) * size * size + 128) as tmp:
         arr = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.uint8, shape=(len(files), size, size))
+        # the file is sparse: claim its blocks now, as a full disk would kill the writes into the map (SIGBUS)
+        with open(tmp, 'r+b') as f: os.posix_fallocate(f.fileno(), 0, os.path.getsize(tmp))
         with ThreadPoolExecutor(min(defaults.cpus, 8) if num_workers is None else num_workers) as pool:  # PIL decodes without the GIL
             for i, im in enumerate(pool.map(_presize, files, size=size)): arr[i] = im
         arr.flush(); del arr

@@ -104,6 +104,7 @@ class ShardedDL(TfmdDL):
             t = torch.tensor(idxs, device=_comm_device())
             dist.broadcast(t, 0)
             idxs = t.cpu().tolist()
+        self.full_idxs = idxs  # the epoch's whole order: what a mid-epoch checkpoint records
         if self.pad: idxs += (idxs * self.world_size)[:self.share(len(idxs)) * self.world_size - len(idxs)]
         return idxs[self.rank::self.world_size]
     def before_iter(self): self.dl.before_iter()
@@ -196,6 +197,7 @@ def launch_local(nproc:int, # processes to start on this machine
     "Run `python -m xray_fastai.cli ARGS` in `nproc` local processes; the exit code of the first that failed, else 0."
     from torch.distributed.run import get_args_parser, run
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     check(nproc >= 1, f"--distributed must be at least 1, got {nproc}")
     check(not torch.cuda.is_available() or nproc <= torch.cuda.device_count(),
           f"--distributed {nproc}: this machine has {torch.cuda.device_count()} GPU(s)")
@@ -205,4 +207,6 @@ def launch_local(nproc:int, # processes to start on this machine
     except ChildFailedError as e:
         _, first = e.get_first_failure()
         return first.exitcode if first.exitcode > 0 else 1
+    except SignalException as e:  # SIGTERM (a preemption): the processes got it too, and have saved and stopped
+        return 128 + int(e.sigval)
     return 0

@@ -24,13 +24,15 @@ from .data import *
 from .models import *
 from .distributed import *
 from .sites import SITE_METRICS, SiteCallback, site_dl, feature_batches, kept_rng
+from .reliability import *
 
 # %% auto #0
 __all__ = ['MODEL_META_KEYS', 'LR_METHODS', 'MONITORS', 'RECIPES', 'xray_metrics', 'head_splitter', 'FixedFeatureCallback',
-           'EpochLogCallback', 'HistoryCallback', 'save_checkpoint', 'load_checkpoint', 'CheckpointCallback',
-           'DivergenceCallback', 'BestModelCallback', 'ResumeCallback', 'xray_learner', 'body_features',
-           'feature_learner', 'new_run_dir', 'export_model', 'load_model_dir', 'load_exported',
-           'check_unchanged_source', 'find_lr', 'train_config', 'recipe_kwargs', 'train', 'lr_find_only', 'resume']
+           'EpochLogCallback', 'HistoryCallback', 'read_history', 'save_checkpoint', 'load_checkpoint',
+           'CheckpointCallback', 'DivergenceCallback', 'BestModelCallback', 'ResumeCallback', 'PreemptCallback',
+           'MidEpochResumeCallback', 'xray_learner', 'body_features', 'feature_learner', 'new_run_dir', 'export_model',
+           'load_model_dir', 'load_exported', 'check_unchanged_source', 'find_lr', 'train_config', 'recipe_kwargs',
+           'train', 'lr_find_only', 'resume']
 
 # %% ../nbs/03_learner.ipynb #31f4f24a
 def xray_metrics(pos_idx:int=1) -> list:
@@ -87,9 +89,23 @@ class HistoryCallback(Callback):
                               n_valid=getattr(self.learn, 'n_valid', None) or len(self.dls.valid.dataset),
                               seconds=round(time.perf_counter() - self.start, 3)))
         if rank_distrib(): return  # rank 0 writes
-        with atomic_path(self.path/self.fname) as tmp: pd.DataFrame(self.rows).to_csv(tmp, index=False)
+        atomic_write_text(self.path/self.fname, pd.DataFrame(self.rows).to_csv(index=False))
 
 def _num(v): return float(v) if isinstance(v, (float, int, np.floating, torch.Tensor)) else v
+
+# %% ../nbs/03_learner.ipynb #355d5879
+def read_history(path) -> pd.DataFrame:
+    "A run's `history.csv`; a truncated or garbled one is a `DamagedFileError` naming it."
+    why = None
+    try: hist = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e: why = f"{type(e).__name__}"
+    else:
+        need = ['epoch', 'stage', 'stage_epoch', 'train_loss', 'valid_loss']
+        if missing := [k for k in need if k not in hist.columns]: why = f"no column {', '.join(missing)}"
+        elif hist[need[:3]].isna().any().any() or not all(pd.api.types.is_integer_dtype(hist[k]) for k in need[:3]):
+            why = 'a row is cut short'
+    if why: raise DamagedFileError(f"{path} is damaged ({why}): restore it from a copy, or start the run again")
+    return hist
 
 # %% ../nbs/03_learner.ipynb #1c26f244
 def _rng_state(learn) -> dict:
@@ -111,8 +127,20 @@ def save_checkpoint(learn, path, epoch:int, **extra):
     sl = learn.recorder.smooth_loss  # the smoothed train loss runs across epochs: part of the state to resume
     state = dict(model=learn.model.state_dict(), opt=_plain(learn.opt.state_dict()) if learn.opt else None,
                  epoch=epoch, rng=_rng_state(learn), smooth_loss=[sl.count, float(sl.val)], **extra)
-    with atomic_path(path) as tmp: torch.save(state, tmp)
+    with atomic_path(path, need=lambda: _nbytes(state)) as tmp:
+        with open(tmp, 'wb') as f: torch.save(state, f)  # through a file: a full disk is then ENOSPC, not a RuntimeError
     return Path(path)
+
+class _Counter:
+    "A file that only counts the bytes written to it."
+    n = 0
+    def write(self, b): self.n += len(b); return len(b)
+    def flush(self): pass
+
+def _nbytes(state) -> int:
+    "The size of `state` saved by `torch.save`."
+    torch.save(state, f := _Counter())
+    return f.n
 
 def _plain(o):
     "fastai's `L`s as lists and NumPy scalars as numbers, so that the checkpoint loads with `weights_only=True`."
@@ -122,10 +150,13 @@ def _plain(o):
 
 def load_checkpoint(path) -> dict:
     "Load a checkpoint written by `save_checkpoint`, refusing anything that needs unpickling."
-    try: return torch.load(path, map_location='cpu', weights_only=True)
+    try: ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise XrayError(f"{path} is not a checkpoint written by xray-fastai (refusing to unpickle it): "
-                        f"{str(e).splitlines()[0][:120]}") from None
+        raise XrayError(f"{path} is damaged, or not a checkpoint written by xray-fastai (refusing to unpickle it: "
+                        f"{str(e).splitlines()[0][:120]}); restore it from a copy, or start the run again") from None
+    check(isinstance(ckpt, dict) and {'model', 'epoch', 'rng'} <= set(ckpt), f"{path} is not a checkpoint written by "
+          "xray-fastai (it lacks the model, epoch or random states); restore it from a copy, or start the run again")
+    return ckpt
 
 # %% ../nbs/03_learner.ipynb #4c354689
 class CheckpointCallback(Callback):
@@ -170,6 +201,65 @@ class ResumeCallback(Callback):
         row = self.rows[self.epoch]
         self.recorder.log += [row.get(n, float('nan')) for n in self.recorder.metric_names[1:-1]]
     def after_fit(self): self.learn.replaying = False
+
+# %% ../nbs/03_learner.ipynb #f3a6dd9d
+class PreemptCallback(Callback):
+    "On SIGTERM, stop after the current batch, saved in `last.pth` (rank 0); also save every `every` batches."
+    order = CheckpointCallback.order + 1  # after the epoch's own checkpoint
+    def __init__(self, every:int=None, stage:int=0, started:float=None, fname='last.pth'): store_attr()
+    def before_fit(self): STOP.in_fit = True
+    def after_batch(self):
+        if not self.training or getattr(self.learn, 'replaying', False): return
+        done, stop = self.iter + 1, stop_requested()
+        if stop or (self.every and done % self.every == 0 and done < self.n_iter): self._save(done)
+        if stop: self._stop(f"epoch {self.epoch + 1} up to its batch {done} of {self.n_iter}")
+    def after_epoch(self):
+        if stop_requested(): self._stop(f"epoch {self.epoch + 1}")  # `CheckpointCallback` has saved it
+    def after_fit(self):
+        STOP.in_fit = False
+        if STOP.signum is not None: self._stop(f"epoch {self.epoch + 1}")  # it came as early stopping ended the fit
+    def _save(self, done:int):
+        if rank_distrib(): return  # rank 0 writes
+        dl = self.learn.dl
+        order = getattr(self.learn, 'epoch_order', None) or getattr(dl, 'full_idxs', None) or dl._DataLoader__idxs
+        wall = None if self.started is None else time.perf_counter() - self.started
+        save_checkpoint(self.learn, self.path/self.fname, self.epoch - 1, stage=self.stage, wall=wall, batch=done,
+                        idxs=[int(i) for i in order], pct_train=float(self.pct_train), train_iter=int(self.train_iter))
+    def _stop(self, where:str):
+        STOP.saved = where
+        barrier()  # every process waits until rank 0 has written
+        raise Preempted(STOP.signum)
+
+class MidEpochResumeCallback(Callback):
+    "Finish the epoch a mid-epoch checkpoint `ckpt` stopped in: its sample order, without the batches already done."
+    order = TrainEvalCallback.order + 3  # after `DDPCallback` has put in this process's share of the data
+    def __init__(self, ckpt:dict):
+        self.ep, self.done, self.idxs = ckpt['epoch'] + 1, ckpt['batch'], ckpt['idxs']
+        self.pct, self.it, self.smooth_loss, self.patched = ckpt['pct_train'], ckpt['train_iter'], ckpt.get('smooth_loss'), []
+        self.rng = ckpt['rng']
+    def before_train(self):
+        if self.epoch != self.ep: return
+        dl = self.learn.dl
+        base, full, skip = getattr(dl, 'dl', dl), list(self.idxs), self.done * dl.bs
+        base.randomize = noop  # the epoch's random order is the saved one
+        if base is dl: dl.get_idxs = lambda: full[skip:]
+        else:  # `ShardedDL`: every process's share of the whole order, less its batches done
+            base.get_idxs, dl.get_idxs = (lambda: list(full)), (lambda: type(dl).get_idxs(dl)[skip:])
+        sample = dl.sample
+        def _sample():  # PyTorch's loader iterator has drawn its seed by now: back to the random states saved
+            _set_rng_state(self.learn, self.rng)
+            return sample()
+        dl.sample, self.patched = _sample, [dl, base]
+        self.learn.pct_train, self.learn.train_iter, self.learn.epoch_order = self.pct, self.it, full
+        if self.smooth_loss:
+            sl = self.recorder.smooth_loss
+            sl.count, sl.val = self.smooth_loss[0], torch.tensor(self.smooth_loss[1])
+    def before_batch(self):
+        if self.training and self.epoch == self.ep: self.learn.iter += self.done
+    def after_train(self):
+        for o in self.patched:
+            for k in ('get_idxs', 'randomize', 'sample'): o.__dict__.pop(k, None)
+        self.patched, self.learn.epoch_order = [], None
 
 # %% ../nbs/03_learner.ipynb #dbeef6d1
 def xray_learner(dls:DataLoaders, # from `xray_dataloaders`
@@ -227,17 +317,22 @@ def feature_learner(learn:Learner, bs:int=None) -> Learner:
     return head_learn
 
 # %% ../nbs/03_learner.ipynb #b80641b6
-def new_run_dir(out=None, arch:str='resnet34', mode:str='finetune', root='runs') -> Path:
+def new_run_dir(out=None, arch:str='resnet34', mode:str='finetune', root='runs',
+                lock:bool=False, # hold its run lock (`hold_run_lock`): `train` does, until the run ends
+               ) -> Path:
     "A fresh run folder: `out`, or `runs/<timestamp>-<arch>-<mode>`; an existing non-empty folder is an error."
     if out is None:  # two runs started in the same second get two folders (`mkdir` is atomic)
         Path(root).mkdir(parents=True, exist_ok=True)
         name = f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{arch.replace('/', '_')}-{mode}"
         for i in itertools.count(1):
             path = Path(root)/(name if i == 1 else f"{name}-{i}")
-            try: path.mkdir(); return path
+            try: path.mkdir(); break
             except FileExistsError: pass
-    path = check_out_dir(out, 'run folder', f"choose another --out, or --resume {out}")
-    path.mkdir(parents=True, exist_ok=True)
+    else:
+        check_run_free(out)  # another run writing there: name it, before its files say 'not empty'
+        path = check_out_dir(out, 'run folder', f"choose another --out, or --resume {out}")
+        path.mkdir(parents=True, exist_ok=True)
+    if lock: hold_run_lock(path)
     return path
 
 # %% ../nbs/03_learner.ipynb #3d7f50b4
@@ -248,7 +343,8 @@ def export_model(learn:Learner, path, config:dict):
     meta.update(n_in=1, draft=bool(config.get('cache')), format='xray-fastai/1')  # draft: trained on draft-decoded JPEGs
     sd = {k: v.contiguous() for k, v in learn.model.state_dict().items()}
     # `save_file` would make the file anew, mode 0600: bytes into the temporary file keep the umask's mode
-    with atomic_path(path/'model.safetensors') as tmp: tmp.write_bytes(save(sd))
+    data = save(sd)
+    with atomic_path(path/'model.safetensors', need=len(data)) as tmp: tmp.write_bytes(data)
     save_json(meta, path/'model.json')
     return path/'model.safetensors'
 
@@ -276,14 +372,16 @@ def load_model_dir(path, # a run folder, or its `model.safetensors`
         model = build_model(meta['arch'], n_out=len(meta['classes']), n_in=meta['n_in'], pretrained=False)
     except (RuntimeError, KeyError, ValueError, TypeError, OSError) as e:  # a damaged or hand-edited model.json
         why = f"{type(e).__name__}: {e}".splitlines()[0][:200]
-        raise XrayError(f"could not load the model in {p} (damaged, or not an xray-fastai model: {why})") from e
+        raise XrayError(f"could not load the model in {p} (damaged, or not an xray-fastai model: {why}): restore "
+                        "model.json from a copy, or train the run again") from e
     return load_exported(model, p/'model.safetensors', meta['arch']).eval(), meta
 
 def load_exported(model, path, arch:str):
     "Load the weights `export_model` wrote to `path` into `model` (safetensors: tensors only, never code)."
     try: model.load_state_dict(load_file(str(path)))
     except Exception as e:  # a damaged or foreign file (a pickle, say) is the user's to fix, not a crash
-        raise XrayError(f"{path} is not a model written by xray-fastai for {arch}: {type(e).__name__}") from None
+        raise XrayError(f"{path} is damaged, or not a model written by xray-fastai for {arch} ({type(e).__name__}): "
+                        "restore it from a copy, or train the run again") from None
     return model
 
 # %% ../nbs/03_learner.ipynb #d9711116
@@ -295,6 +393,7 @@ def _mode(frozen): return 'frozen' if frozen else 'finetune'
 # %% ../nbs/03_learner.ipynb #5584abcf
 def _check_options(c:dict):
     check(c['epochs'] > 0, f"--epochs must be positive, got {c['epochs']}")
+    check(not c.get('checkpoint_every') or c['checkpoint_every'] > 0, f"--checkpoint-every must be positive, got {c.get('checkpoint_every')}")
     check(c['bs'] > 0, f"--bs must be positive, got {c['bs']}")
     check(c['size'] is None or c['size'] >= 16, f"--size must be at least 16 px, got {c['size']}")
     check(c['freeze_epochs'] >= 0, f"--freeze-epochs must be 0 or more, got {c['freeze_epochs']}")
@@ -361,7 +460,9 @@ def _callbacks(c:dict, stage:int, rows:list, ckpt:dict=None, started:float=None)
     best = BestModelCallback(monitor=c['monitor'], fname='best', reset_on_fit=False)
     earlier = [v for r in rows if r['stage'] < stage and np.isfinite(v := r[c['monitor']])]
     if earlier: best.best = earlier[_best_index(c['monitor'], earlier)]
-    cbs = [HistoryCallback(rows=rows, stage=stage), best, CheckpointCallback(stage=stage, started=started), DivergenceCallback()]
+    cbs = [HistoryCallback(rows=rows, stage=stage), best, CheckpointCallback(stage=stage, started=started), DivergenceCallback(),
+           PreemptCallback(c.get('checkpoint_every'), stage=stage, started=started)]
+    if ckpt and 'batch' in ckpt: cbs.append(MidEpochResumeCallback(ckpt))  # stopped within an epoch
     if c['patience']: cbs.append(EarlyStoppingCallback(monitor=c['monitor'], patience=c['patience']))
     if c.get('mixup'): cbs.append(MixUp(c['mixup']))
     replay = [r for r in rows if r['stage'] == stage]
@@ -412,7 +513,7 @@ def _fit(learn:Learner, c:dict, rows:list=(), ckpt:dict=None, cbs=None, started:
 
 # %% ../nbs/03_learner.ipynb #82ac90dd
 def _finish(learn:Learner, c:dict, path:Path, wall:float) -> dict:
-    hist = pd.read_csv(path/'history.csv')
+    hist = read_history(path/'history.csv')
     best = hist.iloc[_best_index(c['monitor'], hist[c['monitor']].values)]
     total, trainable = count_params(learn.model)
     if c['frozen']: trainable = sum(p.numel() for p in learn.model[1].parameters())
@@ -465,6 +566,7 @@ def train_config(source='pneumoniamnist', # `pneumoniamnist[:size]`, an .npz, a 
                  stats=None, # normalisation (mean, std) (default: ImageNet's grey when pretrained, else the train split's)
                  cached_features:bool=None, # frozen + no aug: train the head on features computed once (default: on)
                  cache:bool|str=False, # presize cache: decode and resize each file once (True: in the data cache folder)
+                 checkpoint_every:int=None, # also save `last.pth` every N batches (long epochs); SIGTERM saves the batch it ends
                 ) -> dict:
     "The resolved, JSON-serialisable configuration of a training run."
     c = {k: v for k, v in locals().items()}
@@ -523,10 +625,10 @@ def train(out=None, # the run folder (default: `runs/<timestamp>-<arch>-<mode>`)
     setup_distributed()
     check_sync_bn(sync_bn)
     existed = out is not None and Path(out).is_dir()  # (empty: checked next) the user's, to be left in place
-    path = Path(on_rank0(new_run_dir, out, c['arch'], _mode(c['frozen'])))  # rank 0 makes it, every rank gets its name
+    path = Path(on_rank0(new_run_dir, out, c['arch'], _mode(c['frozen']), lock=True))  # rank 0 makes it, every rank gets its name
     if not rank_distrib(): print(f"run folder: {path}", file=sys.stderr)
     t0 = time.perf_counter()
-    with _run_guard(path, made='contents' if existed else 'folder'):
+    with stop_on_sigterm(), _run_guard(path, made='contents' if existed else 'folder'):
         learn = rank0_first(_build, c, path)  # downloads and caches are made once, by rank 0
         if c['lr'] == 'auto':
             c['lr'], c['lr_suggestions'] = on_rank0(find_lr, learn, c['lr_method'], plot=path/'lr_find.png')
@@ -535,6 +637,7 @@ def train(out=None, # the run folder (default: `runs/<timestamp>-<arch>-<mode>`)
         if not rank_distrib(): save_json(c, path/'config.json')
         _fit(learn, c, cbs=cbs, started=t0)
     if not rank_distrib(): _finish(learn, c, path, time.perf_counter() - t0)
+    release_run_lock(path)
     write_rank_checksum(learn.model)
     return path
 
@@ -543,10 +646,15 @@ def _run_guard(path, made:str=None): # what this run made: the 'folder', its 'co
     "A run stopped before its first epoch is saved leaves nothing it made; after that, Ctrl-C says how to resume."
     try: yield
     except BaseException as e:
+        release_run_lock(path)
         saved = (path/'last.pth').exists()
         if not saved and made and not rank_distrib():  # nothing to resume: a half-made folder would only block --out
             with suppress(OSError):  # a clean-up that fails (a busy mount, a permission) must not hide the real error
                 for p in (path.iterdir() if made == 'contents' else [path]): shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if isinstance(e, Preempted) and not rank_distrib():
+            print(f"\nstopped by SIGTERM: " + (f"{STOP.saved or 'the run up to its last checkpoint'} is saved; continue "
+                  f"with: xray-fastai train --resume {path}" if saved else "no epoch was completed, so nothing was kept"),
+                  file=sys.stderr)
         if isinstance(e, KeyboardInterrupt) and not rank_distrib():
             print("\ninterrupted: " + (f"the last completed epoch is saved; continue with: xray-fastai train --resume {path}"
                                        if saved else "no epoch was completed, so nothing was kept"), file=sys.stderr)
@@ -574,16 +682,18 @@ def resume(path, # a run folder written by `train`
     path = Path(path)
     check((path/'config.json').exists(), f"{path} is not a run folder (no config.json)")
     check((path/'last.pth').exists(), f"{path} has no checkpoint (last.pth) yet: start the run again instead")
+    if not rank_distrib(): hold_run_lock(path)  # one process writes a run folder at a time
     c, ckpt = load_json(path/'config.json'), load_checkpoint(path/'last.pth')
     if data_dir is not None and _abs_path(data_dir) != c['data_dir']:  # the data's place, not what the run learns
         c['data_dir'] = _abs_path(data_dir)
         if not rank_distrib(): save_json(c, path/'config.json')
-    rows = pd.read_csv(path/'history.csv').to_dict('records') if (path/'history.csv').exists() else []
+    rows = read_history(path/'history.csv').to_dict('records') if (path/'history.csv').exists() else []
     setup_distributed()
     t0 = time.perf_counter()
     prior = ckpt.get('wall') or 0  # the time until the last saved epoch (older checkpoints lack it)
     learn = rank0_first(_build, c, path)
-    with _run_guard(path): _fit(learn, c, rows, ckpt, cbs=cbs, started=t0 - prior)
+    with stop_on_sigterm(), _run_guard(path): _fit(learn, c, rows, ckpt, cbs=cbs, started=t0 - prior)
     if not rank_distrib(): _finish(learn, c, path, time.perf_counter() - t0 + prior)
+    release_run_lock(path)
     write_rank_checksum(learn.model)
     return path
