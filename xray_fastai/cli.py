@@ -22,9 +22,10 @@ __all__ = ['SourceArg', 'SourceOpt', 'DatasetArg', 'DataDirOpt', 'MirrorOpt', 'N
            'LrMultOpt', 'FreezeEpochsOpt', 'MonitorOpt', 'PatienceOpt', 'WdOpt', 'MixupOpt', 'RecipeOpt', 'SiteOpt',
            'RunDirArg', 'RunDirsArg', 'EvalSourceOpt', 'SplitOpt', 'TargetRecallOpt', 'TtaOpt', 'ThresholdOnOpt',
            'ThresholdRuleOpt', 'AdabnOpt', 'PriorCorrectionOpt', 'ModelArg', 'PredictPathsArg', 'PredsOutOpt',
-           'GradcamOpt', 'CamClassOpt', 'CamLayerOpt', 'OverwriteOpt', 'FastDecodeOpt', 'typer_factory', 'examples',
-           'debugging', 'main', 'data_download', 'format_info', 'data_info', 'data_verify', 'train_cmd', 'lr_find_cmd',
-           'evaluate_cmd', 'ensemble_cmd', 'compare_cmd', 'experiment_cmd', 'predict_cmd', 'shift_cmd']
+           'GradcamOpt', 'CamClassOpt', 'CamLayerOpt', 'EngineOpt', 'OverwriteOpt', 'FastDecodeOpt', 'typer_factory',
+           'examples', 'debugging', 'main', 'data_download', 'format_info', 'data_info', 'data_verify', 'train_cmd',
+           'lr_find_cmd', 'evaluate_cmd', 'ensemble_cmd', 'compare_cmd', 'experiment_cmd', 'predict_cmd', 'shift_cmd',
+           'export_cmd']
 
 # %% ../nbs/07_cli.ipynb #542c9318
 def typer_factory(help:str, # what the app or group is for
@@ -463,6 +464,8 @@ CamClassOpt = Annotated[str, typer.Option('--cam-class', help="what the Grad-CAM
 CamLayerOpt = Annotated[Optional[str], typer.Option('--cam-layer', metavar='NAME', show_default=False,
     help=r"the layer of the body Grad-CAM explains, e.g. 5 (a resnet's layer2); a wrong name lists them \[default: the "
          "deepest stage whose map is at least 7x7 at the run's input size]")]
+EngineOpt = Annotated[str, typer.Option('--engine', help="torch, or onnxruntime (CPU; needs the run's model.onnx from "
+    "`xray-fastai export RUN --format onnx` and pip install 'xray-fastai[onnx]')")]
 OverwriteOpt = Annotated[bool, typer.Option('--overwrite', help="replace an existing --out CSV, and the overlays an earlier prediction listed in --gradcam's overlays.json")]
 FastDecodeOpt = Annotated[bool, typer.Option('--fast-decode',
     help="decode JPEGs at reduced scale: faster on full-resolution images, but unless the run trained that way "
@@ -480,13 +483,14 @@ def predict_cmd(model:ModelArg, paths:PredictPathsArg, out:PredsOutOpt=Path('pre
                     help=r"call an image positive when its probability reaches T, or the threshold `evaluate --threshold-on` "
                          r"chose ('site') \[default: the likelier class]")]=None,
                 adabn:AdabnOpt=None, prior_correction:PriorCorrectionOpt=False, cam_class:CamClassOpt='predicted',
-                cam_layer:CamLayerOpt=None):
+                cam_layer:CamLayerOpt=None, engine:EngineOpt='torch'):
     """Predict NORMAL / PNEUMONIA for images with a trained model and write a CSV.
 
     Images are preprocessed exactly as the run's validation set. Unreadable files are listed in the CSV with an error instead of a prediction (and counted on stderr); they never stop the run."""
     from xray_fastai.predict import predict
     df = predict(model, paths, bs=bs, gradcam=gradcam, out=out, overwrite=overwrite, draft=fast_decode or None,
-                 threshold=threshold, adabn=adabn, prior_correction=prior_correction, cam_class=cam_class, layer=cam_layer)
+                 threshold=threshold, adabn=adabn, prior_correction=prior_correction, cam_class=cam_class, layer=cam_layer,
+                 engine=engine)
     bad, no_cam = df[df.label == ''], df[(df.label != '') & (df.error != '')]  # the latter: predicted, overlay failed
     typer.echo(f"{out}: {len(df) - len(bad)} of {len(df)} images predicted" +
                (f", {len(bad)} unreadable (see its error column), e.g. {bad.path.iloc[0]}: {bad.error.iloc[0]}"
@@ -526,6 +530,23 @@ def shift_cmd(run_dir:RunDirArg,
                        f"specificity {v['specificity']:.4f} -> {s['specificity']:.4f} (validation -> site)")
         for w in r['warnings']: typer.echo(f"warning: {w}")
     typer.echo(f"written: {r['folder']}", err=True)
+
+# %% ../nbs/07_cli.ipynb #48072f2e
+@app.command('export', no_args_is_help=True, epilog=examples(
+    'export runs/my-run --format onnx', 'export runs/my-run --format onnx --out model.onnx --overwrite',
+    'predict runs/my-run scans/ --engine onnxruntime'))
+def export_cmd(model:ModelArg,
+               format:Annotated[str, typer.Option('--format', '-f', help="what to export: onnx")]='onnx',
+               out:Annotated[Optional[Path], typer.Option('--out', '-o', metavar='FILE', show_default=False,
+                   help=r"the file to write \[default: RUN/model.onnx, which `predict --engine onnxruntime` uses]")]=None,
+               overwrite:Annotated[bool, typer.Option('--overwrite', help="replace an existing --out")]=False,
+               opset:Annotated[int, typer.Option('--opset', help="ONNX opset version")]=17):
+    """Export a run's model to run elsewhere: ONNX with a dynamic batch axis, normalisation and softmax in the graph.
+
+    Writes FILE and FILE.json, the model card: input shape and preprocessing, classes, normalisation, weights hash."""
+    check(format == 'onnx', f"--format must be onnx, got {format!r}")
+    from xray_fastai.export import export_onnx
+    typer.echo(export_onnx(model, out, overwrite=overwrite, opset=opset))
 
 # %% ../nbs/07_cli.ipynb #49048a96
 if __name__ == '__main__': main()

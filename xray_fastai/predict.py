@@ -337,10 +337,14 @@ def predict(model_path, # a run folder, or its `model.safetensors`
             threshold=None, # positive when its probability reaches this (a number, or 'site': see `decision_threshold`)
             adabn=None, # re-estimate BatchNorm statistics on these unlabelled images first ('same': the ones predicted)
             prior_correction:bool=False, # correct the probabilities for the images' class prior, estimated by EM
+            engine:str='torch', # 'torch', or 'onnxruntime' (CPU; the run's `model.onnx` from `export_onnx`, extra `[onnx]`)
            ) -> pd.DataFrame:
     "One row per file: path, label, p_<positive> and error (empty when fine); plus gradcam with `gradcam`."
     check(bs > 0, f"--bs must be positive, got {bs}")
     thr = decision_threshold(model_path, threshold)
+    check(engine in ('torch', 'onnxruntime'), f"--engine must be torch or onnxruntime, got {engine!r}")
+    check(not (gradcam and engine != 'torch'), "--gradcam needs --engine torch (Grad-CAM takes the PyTorch model's gradients)")
+    check(adabn is None or engine == 'torch', "--adabn needs --engine torch (it re-estimates the PyTorch model's BatchNorm statistics)")
     check(cam_class in ('predicted', 'positive', 'both'), f"--cam-class must be predicted, positive or both, got {cam_class!r}")
     if out: _check_out(out, overwrite)
     if gradcam:
@@ -362,6 +366,9 @@ def predict(model_path, # a run folder, or its `model.safetensors`
         gradcam.mkdir(parents=True, exist_ok=True)  # checked: now the earlier overlays may go
         for name in earlier or []: (gradcam/name).unlink(missing_ok=True)
         (gradcam/OVERLAYS).unlink(missing_ok=True)
+    if engine == 'onnxruntime':
+        from xray_fastai.export import onnx_path
+        onnx_file, device = onnx_path(model_path), 'cpu'
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     cuda = device.type == 'cuda'
     model = model.to(device).eval().requires_grad_(False)
@@ -371,6 +378,9 @@ def predict(model_path, # a run folder, or its `model.safetensors`
     if adabn is not None:
         from xray_fastai.shift import adabn_model
         model = adabn_model(model, meta, adabn_files, bs=bs, device=device, draft=draft)
+    if engine == 'onnxruntime':
+        from xray_fastai.export import OnnxModel
+        onnx = OnnxModel(onnx_file, pre)
     rows = []
     with ThreadPoolExecutor(num_workers or min(defaults.cpus, 8)) as pool:
         for start in range(0, len(files), bs):
@@ -379,7 +389,8 @@ def predict(model_path, # a run folder, or its `model.safetensors`
                 loaded = list(pool.map(lambda fn: _load_item(fn, pre, draft), chunk))
                 ok = [i for i, (t, _) in enumerate(loaded) if t is not None]
                 probs = cams = None
-                if ok:
+                if ok and engine == 'onnxruntime': probs = onnx([loaded[i][0] for i in ok])
+                elif ok:
                     xb = pre.batch([loaded[i][0] for i in ok])
                     if cuda: xb = xb.contiguous(memory_format=torch.channels_last)
                     with torch.autocast('cuda', dtype=torch.bfloat16, enabled=cuda):
