@@ -13,8 +13,8 @@ from fastcore.imports import IN_NOTEBOOK
 
 # %% auto #0
 __all__ = ['STALE_TMP_SECONDS', 'NO_SPACE', 'READ_ONLY', 'XrayError', 'Preempted', 'DamagedFileError', 'check', 'check_out_dir',
-           'remove_stale_tmp', 'no_space_error', 'read_only_error', 'atomic_path', 'atomic_write_text', 'save_json',
-           'load_json', 'data_dir', 'pyplot', 'save_fig', 'md5sum']
+           'remove_stale_tmp', 'no_space_error', 'caused_by', 'read_only_error', 'atomic_path', 'atomic_write_text',
+           'save_json', 'load_json', 'data_dir', 'pyplot', 'save_fig', 'md5sum']
 
 # %% ../nbs/00_core.ipynb #0cf8ce33
 class XrayError(Exception):
@@ -70,10 +70,17 @@ def no_space_error(folder, # where the file was being written
                   ) -> XrayError:
     "The one-line error for a full disk: the folder, the bytes needed and the bytes free."
     free = shutil.disk_usage(folder).free
-    need = max(need or 0, written + 1)
-    more = f"{_mb(need)}" if need > written + 1 else f"more than {_mb(written)}"
+    more = _mb(need) if need else f"more than {_mb(written)}"
     return XrayError(f"no space left in {folder} for {name}: it needs {more}, {_mb(free)} are free; "
                      f"free some space (nothing earlier was changed) and run the command again")
+
+def caused_by(e:BaseException, codes) -> bool:
+    "Whether `e`, or an exception it came from (torch wraps write errors in `RuntimeError`), is an `OSError` of `codes`."
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno in codes: return True
+        seen.add(id(e)); e = e.__cause__ or e.__context__
+    return False
 
 def read_only_error(folder, e:OSError) -> XrayError:
     "The one-line error for a folder we may not write in."
@@ -99,8 +106,8 @@ def atomic_path(path,
     try:
         yield Path(tmp)
         os.replace(tmp, path)
-    except OSError as e:
-        if e.errno not in NO_SPACE: raise
+    except Exception as e:
+        if not caused_by(e, NO_SPACE): raise
         written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
         os.unlink(tmp)  # the space it holds is the user's
         raise no_space_error(path.parent, path.name, need() if callable(need) else need, written) from None

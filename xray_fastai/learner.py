@@ -102,8 +102,8 @@ def read_history(path) -> pd.DataFrame:
     else:
         need = ['epoch', 'stage', 'stage_epoch', 'train_loss', 'valid_loss']
         if missing := [k for k in need if k not in hist.columns]: why = f"no column {', '.join(missing)}"
-        elif hist[need[:3]].isna().any().any() or not all(pd.api.types.is_integer_dtype(hist[k]) for k in need[:3]):
-            why = 'a row is cut short'
+        elif (hist[need[:3] + [hist.columns[-1]]].isna().any().any()
+              or not all(pd.api.types.is_integer_dtype(hist[k]) for k in need[:3])): why = 'a row is cut short'
     if why: raise DamagedFileError(f"{path} is damaged ({why}): restore it from a copy, or start the run again")
     return hist
 
@@ -683,15 +683,17 @@ def resume(path, # a run folder written by `train`
     check((path/'config.json').exists(), f"{path} is not a run folder (no config.json)")
     check((path/'last.pth').exists(), f"{path} has no checkpoint (last.pth) yet: start the run again instead")
     if not rank_distrib(): hold_run_lock(path)  # one process writes a run folder at a time
-    c, ckpt = load_json(path/'config.json'), load_checkpoint(path/'last.pth')
-    if data_dir is not None and _abs_path(data_dir) != c['data_dir']:  # the data's place, not what the run learns
-        c['data_dir'] = _abs_path(data_dir)
-        if not rank_distrib(): save_json(c, path/'config.json')
-    rows = read_history(path/'history.csv').to_dict('records') if (path/'history.csv').exists() else []
-    setup_distributed()
-    t0 = time.perf_counter()
-    prior = ckpt.get('wall') or 0  # the time until the last saved epoch (older checkpoints lack it)
-    learn = rank0_first(_build, c, path)
+    try:
+        c, ckpt = load_json(path/'config.json'), load_checkpoint(path/'last.pth')
+        if data_dir is not None and _abs_path(data_dir) != c['data_dir']:  # the data's place, not what the run learns
+            c['data_dir'] = _abs_path(data_dir)
+            if not rank_distrib(): save_json(c, path/'config.json')
+        rows = read_history(path/'history.csv').to_dict('records') if (path/'history.csv').exists() else []
+        setup_distributed()
+        t0 = time.perf_counter()
+        prior = ckpt.get('wall') or 0  # the time until the last saved epoch (older checkpoints lack it)
+        learn = rank0_first(_build, c, path)
+    except BaseException: release_run_lock(path); raise
     with stop_on_sigterm(), _run_guard(path): _fit(learn, c, rows, ckpt, cbs=cbs, started=t0 - prior)
     if not rank_distrib(): _finish(learn, c, path, time.perf_counter() - t0 + prior)
     release_run_lock(path)
