@@ -19,11 +19,11 @@ from .core import *
 __all__ = ['SourceArg', 'SourceOpt', 'DatasetArg', 'DataDirOpt', 'MirrorOpt', 'NoVerifyOpt', 'ValidPctOpt', 'SeedOpt', 'JsonOpt',
            'DebugOpt', 'app', 'data_app', 'ArchOpt', 'FrozenOpt', 'PretrainedOpt', 'WeightsOpt', 'BsOpt', 'SizeOpt',
            'AugOpt', 'AugParamOpt', 'LrMethodOpt', 'ClassWeightsOpt', 'WorkersOpt', 'CacheOpt', 'EpochsOpt', 'LrOpt',
-           'LrMultOpt', 'FreezeEpochsOpt', 'MonitorOpt', 'PatienceOpt', 'WdOpt', 'MixupOpt', 'RecipeOpt', 'RunDirArg',
-           'RunDirsArg', 'EvalSourceOpt', 'SplitOpt', 'TargetRecallOpt', 'TtaOpt', 'ModelArg', 'PredictPathsArg',
-           'PredsOutOpt', 'GradcamOpt', 'OverwriteOpt', 'FastDecodeOpt', 'typer_factory', 'examples', 'debugging',
-           'main', 'data_download', 'format_info', 'data_info', 'data_verify', 'train_cmd', 'lr_find_cmd',
-           'evaluate_cmd', 'ensemble_cmd', 'compare_cmd', 'experiment_cmd', 'predict_cmd']
+           'LrMultOpt', 'FreezeEpochsOpt', 'MonitorOpt', 'PatienceOpt', 'WdOpt', 'MixupOpt', 'RecipeOpt',
+           'PrecisionOpt', 'RunDirArg', 'RunDirsArg', 'EvalSourceOpt', 'SplitOpt', 'TargetRecallOpt', 'TtaOpt',
+           'ModelArg', 'PredictPathsArg', 'PredsOutOpt', 'GradcamOpt', 'OverwriteOpt', 'FastDecodeOpt', 'typer_factory',
+           'examples', 'debugging', 'main', 'data_download', 'format_info', 'data_info', 'data_verify', 'train_cmd',
+           'lr_find_cmd', 'evaluate_cmd', 'ensemble_cmd', 'compare_cmd', 'experiment_cmd', 'predict_cmd']
 
 # %% ../nbs/07_cli.ipynb #542c9318
 def typer_factory(help:str, # what the app or group is for
@@ -262,6 +262,11 @@ def _number(v, p):
     try: return float(v)
     except ValueError: raise XrayError(f"--aug-param {p!r}: the value must be a number, true or false") from None
 
+# %% ../nbs/07_cli.ipynb #8b1b9300
+PrecisionOpt = Annotated[str, typer.Option('--precision', metavar='auto|fp32|bf16|fp16',
+    help="autocast precision; weights and files stay float32. auto: bf16 on GPUs that support it and on CPUs with native "
+         "bf16 (avx512_bf16/AMX) from 224 px (smaller images train faster in fp32 there), else fp32. fp16: GPUs only")]
+
 # %% ../nbs/07_cli.ipynb #423b2d76
 @app.command('train', epilog=examples(
     'train --recipe pneumoniamnist   # the measured recipe from scratch on a CPU (bench/ACCURACY.md)',
@@ -277,7 +282,7 @@ def train_cmd(ctx:typer.Context, recipe:RecipeOpt=None, source:SourceOpt='pneumo
               weights:WeightsOpt=None, monitor:MonitorOpt='valid_loss', patience:PatienceOpt=None,
               class_weights:ClassWeightsOpt=False, wd:WdOpt=None, cache:CacheOpt=False, seed:SeedOpt=42,
               data_dir:DataDirOpt=None, valid_pct:ValidPctOpt=0.2, no_verify:NoVerifyOpt=False,
-              num_workers:WorkersOpt=None,
+              num_workers:WorkersOpt=None, precision:PrecisionOpt='auto',
               out:Annotated[Optional[Path], typer.Option('--out', '-o', show_default=False,
                   help=r"run folder (new or empty) \[default: runs/<timestamp>-<arch>-<mode>]")]=None,
               resume:Annotated[Optional[Path], typer.Option('--resume', metavar='RUN_DIR', show_default=False,
@@ -310,13 +315,15 @@ def lr_find_cmd(source:SourceOpt='pneumoniamnist', arch:ArchOpt='resnet34', froz
                 size:SizeOpt=None, aug:AugOpt=True, pretrained:PretrainedOpt=True, weights:WeightsOpt=None,
                 class_weights:ClassWeightsOpt=False, seed:SeedOpt=42, data_dir:DataDirOpt=None,
                 valid_pct:ValidPctOpt=0.2, no_verify:NoVerifyOpt=False, num_workers:WorkersOpt=None,
+                precision:PrecisionOpt='auto',
                 plot:Annotated[Path, typer.Option('--plot', help="where to save the loss-vs-lr plot (PNG)")]=Path('lr_find.png')):
     "Run fastai's lr_find and print every suggestion (valley, slide, minimum, steep)."
     from xray_fastai import learner
     check(not plot.exists(), f"{plot} already exists: choose another --plot")
     res = learner.lr_find_only(source=source, arch=arch, frozen=frozen, bs=bs, size=size, aug=aug, pretrained=pretrained,
                                weights=weights, class_weights=class_weights, seed=seed, data_dir=data_dir,
-                               valid_pct=valid_pct, verify=not no_verify, num_workers=num_workers, plot=plot)
+                               valid_pct=valid_pct, verify=not no_verify, num_workers=num_workers, plot=plot,
+                               precision=precision)
     for k, v in res.items(): typer.echo(f"{k:<8} {v:.2e}")
     typer.echo(f"plot: {plot}", err=True)
 
@@ -342,13 +349,14 @@ TtaOpt = Annotated[bool, typer.Option('--tta', help="test-time augmentation: ble
     'evaluate RUN_DIR --source ../other_hospital.csv'))
 def evaluate_cmd(run_dir:RunDirArg, source:EvalSourceOpt=None, split:SplitOpt='test',
                  target_recall:TargetRecallOpt=0.95, tta:TtaOpt=False, data_dir:DataDirOpt=None,
-                 as_json:JsonOpt=False):
+                 as_json:JsonOpt=False, precision:PrecisionOpt='auto'):
     """Evaluate a run on a held-out split, at threshold 0.5 and at a threshold chosen on the validation split.
 
     Writes RUN_DIR/eval-SPLIT/ (eval-SPLIT-tta/ with --tta; eval-SPLIT-on-NAME-HASH/ for another --source):
     metrics.json, preds.csv, confusion matrices, the top losses, the ROC curve and the classification report."""
     from xray_fastai.evaluate import evaluate, format_eval
-    m = evaluate(run_dir, source=source, split=split, target_recall=target_recall, tta=tta, data_dir=data_dir)
+    m = evaluate(run_dir, source=source, split=split, target_recall=target_recall, tta=tta, data_dir=data_dir,
+                 precision=precision)
     typer.echo(json.dumps(m, indent=2) if as_json else format_eval(m))
     typer.echo(f"written: {m['folder']}", err=True)
 
@@ -402,7 +410,7 @@ def experiment_cmd(ctx:typer.Context, source:SourceOpt='pneumoniamnist',
                    monitor:MonitorOpt='valid_loss', patience:PatienceOpt=None, class_weights:ClassWeightsOpt=False, wd:WdOpt=None,
                    cache:CacheOpt=False,
                    seed:SeedOpt=42, data_dir:DataDirOpt=None, valid_pct:ValidPctOpt=0.2, no_verify:NoVerifyOpt=False,
-                   num_workers:WorkersOpt=None,
+                   num_workers:WorkersOpt=None, precision:PrecisionOpt='auto',
                    split:Annotated[str, typer.Option('--split', help="evaluate every run on this split")]='test',
                    target_recall:TargetRecallOpt=0.95, as_json:JsonOpt=False):
     """Train every backbone in every mode, evaluate each run and compare them in DIR/report.md.
@@ -435,12 +443,14 @@ FastDecodeOpt = Annotated[bool, typer.Option('--fast-decode',
     'predict runs/my-run/model.safetensors a.jpeg b.png c.dcm --gradcam cams/',
     'predict runs/my-run list.csv --bs 128 --out preds.csv --overwrite'))
 def predict_cmd(model:ModelArg, paths:PredictPathsArg, out:PredsOutOpt=Path('preds.csv'), gradcam:GradcamOpt=None,
-                bs:BsOpt=64, overwrite:OverwriteOpt=False, fast_decode:FastDecodeOpt=False):
+                bs:BsOpt=64, overwrite:OverwriteOpt=False, fast_decode:FastDecodeOpt=False,
+                precision:PrecisionOpt='auto'):
     """Predict NORMAL / PNEUMONIA for images with a trained model and write a CSV.
 
     Images are preprocessed exactly as the run's validation set. Unreadable files are listed in the CSV with an error instead of a prediction (and counted on stderr); they never stop the run."""
     from xray_fastai.predict import predict
-    df = predict(model, paths, bs=bs, gradcam=gradcam, out=out, overwrite=overwrite, draft=fast_decode or None)
+    df = predict(model, paths, bs=bs, gradcam=gradcam, out=out, overwrite=overwrite, draft=fast_decode or None,
+                 precision=precision)
     bad, no_cam = df[df.label == ''], df[(df.label != '') & (df.error != '')]  # the latter: predicted, overlay failed
     typer.echo(f"{out}: {len(df) - len(bad)} of {len(df)} images predicted" +
                (f", {len(bad)} unreadable (see its error column), e.g. {bad.path.iloc[0]}: {bad.error.iloc[0]}"

@@ -78,6 +78,7 @@ def _run_source(c:dict, data_dir=None) -> XraySource:
 def eval_learner(run_dir, # a run folder written by `train`
                  src:XraySource=None, # the data (default: the run's source)
                  data_dir=None, # dataset cache folder, for a named source
+                 precision:str='auto', # autocast: auto, fp32, bf16 or fp16 (`resolve_precision`)
                 ) -> Learner:
     "A fastai `Learner` with the run's data pipeline and deployable weights; its config is `learn.config`."
     run_dir = Path(run_dir)
@@ -87,7 +88,7 @@ def eval_learner(run_dir, # a run folder written by `train`
     dls = xray_dataloaders(src, size=c['size'], bs=c['bs'], aug=c['aug'], presize=c['presize'], stats=c['stats'],
                            num_workers=c['num_workers'], seed=c['seed'], cache=c.get('cache', False),
                            **(c.get('aug_kwargs') or {}))
-    learn = xray_learner(dls, c['arch'], pretrained=False, path=run_dir)
+    learn = xray_learner(dls, c['arch'], pretrained=False, path=run_dir, precision=precision)
     load_exported(learn.model, run_dir/'model.safetensors', c['arch'])
     # `evaluate` computes its own metrics; fastai's would run (and warn on tiny batches) in every `get_preds`
     learn.metrics = []
@@ -228,13 +229,13 @@ def _checked_source(c:dict, split:str, target_recall:float, source=None, data_di
           f"or give a --source that has one")
     return own, None
 
-def _run_preds(run_dir:Path, srcs:tuple, split:str, tta:bool) -> tuple:
+def _run_preds(run_dir:Path, srcs:tuple, split:str, tta:bool, precision:str='auto') -> tuple:
     "A run's learner, `split`'s DataLoader, and (probabilities, targets) on the validation split and on `split`."
     own, other = srcs
-    learn = eval_learner(run_dir, own)
+    learn = eval_learner(run_dir, own, precision=precision)
     valid = predict_dl(learn, learn.dls.valid, tta)
     if other is not None:  # another source: the threshold still comes from the run's own validation split
-        learn = eval_learner(run_dir, other)
+        learn = eval_learner(run_dir, other, precision=precision)
         return learn, learn.dls.valid, valid, predict_dl(learn, learn.dls.valid, tta)
     dl = xray_test_dl(learn.dls, split=split)
     return learn, dl, valid, (valid if split == 'valid' else predict_dl(learn, dl, tta))
@@ -287,14 +288,16 @@ def evaluate(run_dir, # a run folder written by `train`
              target_recall:float=0.95, # choose the highest threshold reaching this recall on the validation split
              tta:bool=False, # test-time augmentation
              data_dir=None, # dataset cache folder, for a named source
+             precision:str='auto', # autocast: auto, fp32, bf16 or fp16 (`resolve_precision`)
             ) -> dict:
     "Evaluate the run in `run_dir` on `split`, at threshold 0.5 and at the threshold chosen for `target_recall`."
     t0, run_dir, split = time.perf_counter(), Path(run_dir), _split_name(split)
     c = _run_config(run_dir)
     srcs = _checked_source(c, split, target_recall, source, data_dir)
-    learn, dl, valid, preds = _run_preds(run_dir, srcs, split, tta)
+    learn, dl, valid, preds = _run_preds(run_dir, srcs, split, tta, precision)
     mode = _mode(c['frozen'])
     res, thr = _eval_result(c, run_dir.name, c['arch'], mode, source, split, tta, target_recall, valid, preds)
+    res.update(learn.precision_info)
     pos = c['classes'].index(c['positive'])
     curves = {f"{c['arch']} {mode}": (preds[0][:, pos], preds[1] == pos)}
     return _write_eval(res, eval_dir(run_dir, split, tta, source if srcs[1] is not None else None), learn, dl, preds,

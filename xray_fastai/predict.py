@@ -19,6 +19,7 @@ from fastai.callback.hook import hook_output
 from .core import *
 from .data import *
 from .learner import load_model_dir
+from .precision import resolve_precision, memory_format_for, autocast_to
 from concurrent.futures import ThreadPoolExecutor  # the standard one: fastcore's (star-imported) maps f(item, *args)
 
 # %% auto #0
@@ -227,6 +228,7 @@ def predict(model_path, # a run folder, or its `model.safetensors`
             draft:bool=None, # decode JPEGs at reduced scale (faster); default: as the run did
             num_workers:int=None, # threads reading images (default: the CPU count, at most 8)
             device=None, # where the model runs (default: the GPU if there is one)
+            precision:str='auto', # autocast: auto, fp32, bf16 or fp16 (`resolve_precision`)
            ) -> pd.DataFrame:
     "One row per file: path, label, p_<positive> and error (empty when fine); plus gradcam with `gradcam`."
     check(bs > 0, f"--bs must be positive, got {bs}")
@@ -249,9 +251,9 @@ def predict(model_path, # a run folder, or its `model.safetensors`
         for name in earlier or []: (gradcam/name).unlink(missing_ok=True)
         (gradcam/OVERLAYS).unlink(missing_ok=True)
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    cuda = device.type == 'cuda'
+    prec, fmt = resolve_precision(precision, device, meta['size']), memory_format_for(device, None, meta['size'])
     model = model.to(device).eval().requires_grad_(False)
-    if cuda: model = model.to(memory_format=torch.channels_last)
+    if fmt == 'channels_last': model = model.to(memory_format=torch.channels_last)
     pre, classes, draft = XrayPreprocess(meta, device), meta['classes'], meta['draft'] if draft is None else draft
     pos_idx, p_col = classes.index(meta['positive']), f"p_{meta['positive'].lower()}"
     rows = []
@@ -264,8 +266,8 @@ def predict(model_path, # a run folder, or its `model.safetensors`
                 probs = cams = None
                 if ok:
                     xb = pre.batch([loaded[i][0] for i in ok])
-                    if cuda: xb = xb.contiguous(memory_format=torch.channels_last)
-                    with torch.autocast('cuda', dtype=torch.bfloat16, enabled=cuda):
+                    if fmt == 'channels_last': xb = xb.contiguous(memory_format=torch.channels_last)
+                    with autocast_to(prec, device.type):
                         if gradcam: probs, cams = grad_cam(model, xb, pos_idx)
                         else: probs = model(xb).float().softmax(1)
                     probs = probs.cpu().numpy()
