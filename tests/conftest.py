@@ -26,6 +26,7 @@ def _clean_env(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv('NO_PROXY', '127.0.0.1,localhost')
     monkeypatch.setenv('no_proxy', '127.0.0.1,localhost')
+    monkeypatch.setenv('XRAY_FASTAI_CHECKS', 'off')  # image verdicts are not remembered across tests (test_check_cache does)
 
 
 @pytest.fixture(scope='session')
@@ -33,7 +34,7 @@ def cli_env(shared_data) -> dict:
     "Environment for CLI subprocesses: no XRAY_FASTAI_* or proxy settings, the dataset cache is `shared_data`."
     env = {k: v for k, v in os.environ.items() if not k.startswith('XRAY_FASTAI_') and k not in _PROXY_VARS}
     return {**env, 'XRAY_FASTAI_DATA': str(shared_data), 'NO_PROXY': '127.0.0.1,localhost',
-            'no_proxy': '127.0.0.1,localhost', 'COLUMNS': '200',
+            'no_proxy': '127.0.0.1,localhost', 'COLUMNS': '200', 'XRAY_FASTAI_CHECKS': 'off',
             # several CLI processes overlap on a 2-core machine: one thread each, or OpenMP threads thrash
             'OMP_NUM_THREADS': '1'}
 

@@ -20,12 +20,12 @@ __all__ = ['SourceArg', 'SourceOpt', 'DatasetArg', 'DataDirOpt', 'MirrorOpt', 'N
            'DebugOpt', 'app', 'data_app', 'ArchOpt', 'FrozenOpt', 'PretrainedOpt', 'WeightsOpt', 'BsOpt', 'SizeOpt',
            'AugOpt', 'AugParamOpt', 'LrMethodOpt', 'ClassWeightsOpt', 'WorkersOpt', 'CacheOpt', 'EpochsOpt', 'LrOpt',
            'LrMultOpt', 'FreezeEpochsOpt', 'MonitorOpt', 'PatienceOpt', 'WdOpt', 'MixupOpt', 'RecipeOpt', 'SiteOpt',
-           'RunDirArg', 'RunDirsArg', 'EvalSourceOpt', 'SplitOpt', 'TargetRecallOpt', 'TtaOpt', 'ThresholdOnOpt',
-           'ThresholdRuleOpt', 'AdabnOpt', 'PriorCorrectionOpt', 'ModelArg', 'PredictPathsArg', 'PredsOutOpt',
-           'GradcamOpt', 'CamClassOpt', 'CamLayerOpt', 'EngineOpt', 'OverwriteOpt', 'FastDecodeOpt', 'typer_factory',
-           'examples', 'debugging', 'main', 'data_download', 'format_info', 'data_info', 'data_verify', 'train_cmd',
-           'lr_find_cmd', 'evaluate_cmd', 'ensemble_cmd', 'compare_cmd', 'experiment_cmd', 'predict_cmd', 'shift_cmd',
-           'export_cmd']
+           'PrecisionOpt', 'RunDirArg', 'RunDirsArg', 'EvalSourceOpt', 'SplitOpt', 'TargetRecallOpt', 'TtaOpt',
+           'ThresholdOnOpt', 'ThresholdRuleOpt', 'AdabnOpt', 'PriorCorrectionOpt', 'ModelArg', 'PredictPathsArg',
+           'PredsOutOpt', 'GradcamOpt', 'CamClassOpt', 'CamLayerOpt', 'EngineOpt', 'OverwriteOpt', 'FastDecodeOpt',
+           'typer_factory', 'examples', 'debugging', 'main', 'data_download', 'format_info', 'data_info', 'data_verify',
+           'train_cmd', 'lr_find_cmd', 'evaluate_cmd', 'ensemble_cmd', 'compare_cmd', 'experiment_cmd', 'predict_cmd',
+           'shift_cmd', 'export_cmd']
 
 # %% ../nbs/07_cli.ipynb #542c9318
 def typer_factory(help:str, # what the app or group is for
@@ -273,6 +273,11 @@ SiteOpt = Annotated[Optional[str], typer.Option('--site', metavar='SOURCE', show
          "and never trained on: history.csv gets site_loss, site_accuracy, site_recall_score, site_specificity and "
          "site_roc_auc_score, and --monitor site_... picks the best epoch and stops early on them")]
 
+# %% ../nbs/07_cli.ipynb #8b1b9300
+PrecisionOpt = Annotated[str, typer.Option('--precision', metavar='auto|fp32|bf16|fp16',
+    help="autocast precision; weights and files stay float32. auto: bf16 on GPUs that support it and on CPUs with native "
+         "bf16 (avx512_bf16/AMX) from 224 px (smaller images train faster in fp32 there), else fp32. fp16: GPUs only")]
+
 # %% ../nbs/07_cli.ipynb #423b2d76
 @app.command('train', epilog=examples(
     'train --recipe pneumoniamnist   # the measured recipe from scratch on a CPU (bench/ACCURACY.md)',
@@ -289,7 +294,7 @@ def train_cmd(ctx:typer.Context, recipe:RecipeOpt=None, source:SourceOpt='pneumo
               weights:WeightsOpt=None, monitor:MonitorOpt='valid_loss', site:SiteOpt=None, patience:PatienceOpt=None,
               class_weights:ClassWeightsOpt=False, wd:WdOpt=None, cache:CacheOpt=False, seed:SeedOpt=42,
               data_dir:DataDirOpt=None, valid_pct:ValidPctOpt=0.2, no_verify:NoVerifyOpt=False,
-              num_workers:WorkersOpt=None,
+              num_workers:WorkersOpt=None, precision:PrecisionOpt='auto',
               checkpoint_every:Annotated[Optional[int], typer.Option('--checkpoint-every', metavar='N', show_default=False,
                   help="also save the run (last.pth) every N batches, for long epochs; SIGTERM saves the batch it stops after")]=None,
               out:Annotated[Optional[Path], typer.Option('--out', '-o', show_default=False,
@@ -324,13 +329,15 @@ def lr_find_cmd(source:SourceOpt='pneumoniamnist', arch:ArchOpt='resnet34', froz
                 size:SizeOpt=None, aug:AugOpt=True, pretrained:PretrainedOpt=True, weights:WeightsOpt=None,
                 class_weights:ClassWeightsOpt=False, seed:SeedOpt=42, data_dir:DataDirOpt=None,
                 valid_pct:ValidPctOpt=0.2, no_verify:NoVerifyOpt=False, num_workers:WorkersOpt=None,
+                precision:PrecisionOpt='auto',
                 plot:Annotated[Path, typer.Option('--plot', help="where to save the loss-vs-lr plot (PNG)")]=Path('lr_find.png')):
     "Run fastai's lr_find and print every suggestion (valley, slide, minimum, steep)."
     from xray_fastai import learner
     check(not plot.exists(), f"{plot} already exists: choose another --plot")
     res = learner.lr_find_only(source=source, arch=arch, frozen=frozen, bs=bs, size=size, aug=aug, pretrained=pretrained,
                                weights=weights, class_weights=class_weights, seed=seed, data_dir=data_dir,
-                               valid_pct=valid_pct, verify=not no_verify, num_workers=num_workers, plot=plot)
+                               valid_pct=valid_pct, verify=not no_verify, num_workers=num_workers, plot=plot,
+                               precision=precision)
     for k, v in res.items(): typer.echo(f"{k:<8} {v:.2e}")
     typer.echo(f"plot: {plot}", err=True)
 
@@ -374,14 +381,15 @@ PriorCorrectionOpt = Annotated[bool, typer.Option('--prior-correction',
 def evaluate_cmd(run_dir:RunDirArg, source:EvalSourceOpt=None, split:SplitOpt='test',
                  target_recall:TargetRecallOpt=0.95, tta:TtaOpt=False, data_dir:DataDirOpt=None,
                  threshold_on:ThresholdOnOpt=None, threshold_rule:ThresholdRuleOpt='recall', adabn:AdabnOpt=None,
-                 prior_correction:PriorCorrectionOpt=False, as_json:JsonOpt=False):
+                 prior_correction:PriorCorrectionOpt=False, as_json:JsonOpt=False, precision:PrecisionOpt='auto'):
     """Evaluate a run on a held-out split, at threshold 0.5 and at a threshold chosen on the validation split.
 
     Writes RUN_DIR/eval-SPLIT/ (eval-SPLIT-tta/ with --tta; eval-SPLIT-on-NAME-HASH/ for another --source):
     metrics.json, preds.csv, confusion matrices, the top losses, the ROC curve and the classification report."""
     from xray_fastai.evaluate import evaluate, format_eval
     m = evaluate(run_dir, source=source, split=split, target_recall=target_recall, tta=tta, data_dir=data_dir,
-                 threshold_on=threshold_on, threshold_rule=threshold_rule, adabn=adabn, prior_correction=prior_correction)
+                 threshold_on=threshold_on, threshold_rule=threshold_rule, adabn=adabn, prior_correction=prior_correction,
+                 precision=precision)
     typer.echo(json.dumps(m, indent=2) if as_json else format_eval(m))
     typer.echo(f"written: {m['folder']}", err=True)
 
@@ -437,7 +445,7 @@ def experiment_cmd(ctx:typer.Context, source:SourceOpt='pneumoniamnist',
                    monitor:MonitorOpt='valid_loss', patience:PatienceOpt=None, class_weights:ClassWeightsOpt=False, wd:WdOpt=None,
                    cache:CacheOpt=False,
                    seed:SeedOpt=42, data_dir:DataDirOpt=None, valid_pct:ValidPctOpt=0.2, no_verify:NoVerifyOpt=False,
-                   num_workers:WorkersOpt=None,
+                   num_workers:WorkersOpt=None, precision:PrecisionOpt='auto',
                    split:Annotated[str, typer.Option('--split', help="evaluate every run on this split")]='test',
                    target_recall:TargetRecallOpt=0.95, as_json:JsonOpt=False):
     """Train every backbone in every mode, evaluate each run and compare them in DIR/report.md.
@@ -483,14 +491,14 @@ def predict_cmd(model:ModelArg, paths:PredictPathsArg, out:PredsOutOpt=Path('pre
                     help=r"call an image positive when its probability reaches T, or the threshold `evaluate --threshold-on` "
                          r"chose ('site') \[default: the likelier class]")]=None,
                 adabn:AdabnOpt=None, prior_correction:PriorCorrectionOpt=False, cam_class:CamClassOpt='predicted',
-                cam_layer:CamLayerOpt=None, engine:EngineOpt='torch'):
+                cam_layer:CamLayerOpt=None, engine:EngineOpt='torch', precision:PrecisionOpt='auto'):
     """Predict NORMAL / PNEUMONIA for images with a trained model and write a CSV.
 
     Images are preprocessed exactly as the run's validation set. Unreadable files are listed in the CSV with an error instead of a prediction (and counted on stderr); they never stop the run."""
     from xray_fastai.predict import predict
     df = predict(model, paths, bs=bs, gradcam=gradcam, out=out, overwrite=overwrite, draft=fast_decode or None,
                  threshold=threshold, adabn=adabn, prior_correction=prior_correction, cam_class=cam_class, layer=cam_layer,
-                 engine=engine)
+                 engine=engine, precision=precision)
     bad, no_cam = df[df.label == ''], df[(df.label != '') & (df.error != '')]  # the latter: predicted, overlay failed
     typer.echo(f"{out}: {len(df) - len(bad)} of {len(df)} images predicted" +
                (f", {len(bad)} unreadable (see its error column), e.g. {bad.path.iloc[0]}: {bad.error.iloc[0]}"

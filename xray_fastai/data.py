@@ -18,11 +18,11 @@ from fastai.vision.all import (DataBlock, ImageBlock, CategoryBlock, ColReader, 
 from .core import *
 
 # %% auto #0
-__all__ = ['CLASSES', 'POSITIVE', 'IMAGE_EXTS', 'GREY_IMAGENET_STATS', 'MEDMNIST_URL', 'PNEUMONIAMNIST_MD5', 'XRAY_AUG',
-           'AUG_FIXED', 'PRESIZE_CACHE_VERSION', 'pneumoniamnist_fname', 'download', 'open_xray', 'check_image',
-           'XrayImage', 'patient_id', 'read_csv_table', 'XraySource', 'source_id', 'load_source', 'describe',
-           'ArrayReader', 'presize_cache_path', 'presize_cache', 'PresizedReader', 'train_stats', 'xray_dataloaders',
-           'xray_test_dl']
+__all__ = ['CLASSES', 'POSITIVE', 'IMAGE_EXTS', 'GREY_IMAGENET_STATS', 'MEDMNIST_URL', 'PNEUMONIAMNIST_MD5', 'CHECKS_VERSION',
+           'XRAY_AUG', 'AUG_FIXED', 'PRESIZE_CACHE_VERSION', 'pneumoniamnist_fname', 'download', 'open_xray',
+           'check_image', 'XrayImage', 'check_cache_dir', 'check_images', 'patient_id', 'read_csv_table', 'XraySource',
+           'source_id', 'load_source', 'describe', 'ArrayReader', 'presize_cache_path', 'presize_cache',
+           'PresizedReader', 'train_stats', 'xray_dataloaders', 'xray_test_dl']
 
 # %% ../nbs/01_data.ipynb #cd335cac
 CLASSES = ['NORMAL', 'PNEUMONIA']
@@ -127,6 +127,53 @@ class XrayImage(PILImageBW):
     def create(cls, fn, **kwargs):
         if isinstance(fn, (str, Path)): return cls(open_xray(fn))
         return super().create(fn, **kwargs)
+
+# %% ../nbs/01_data.ipynb #ea792a60
+import json
+from contextlib import suppress
+CHECKS_VERSION = 1  # bump when `check_image` changes what it accepts: remembered verdicts are then checked again
+
+def check_cache_dir(root=None, # the data cache folder (default: `data_dir()`)
+                   ) -> Path|None:
+    "Where `check_images` remembers verdicts: `$XRAY_FASTAI_CHECKS`, else `root/checks`; None when that is `off`."
+    env = os.environ.get('XRAY_FASTAI_CHECKS', '').strip()
+    if env.lower() in ('0', 'off', 'no', 'false'): return None
+    return Path(env).expanduser() if env else data_dir(root)/'checks'
+
+def _checks_file(paths:list, folder) -> Path:
+    "One verdicts file per folder of images (the files' common folder)."
+    root = os.path.commonpath(paths) if paths else ''
+    return Path(folder)/f"checks-{hashlib.sha1(f'v{CHECKS_VERSION} {root}'.encode()).hexdigest()[:16]}.json"
+
+def _read_checks(path) -> dict:
+    "The verdicts in `path`: `{path: [size, mtime_ns, why or None]}`; a missing or damaged file gives none."
+    try: d = json.loads(Path(path).read_text())
+    except (OSError, ValueError): return {}
+    ok = isinstance(d, dict) and d.get('version') == CHECKS_VERSION and isinstance(d.get('checks'), dict)
+    return {k: v for k, v in d['checks'].items() if isinstance(v, list) and len(v) == 3} if ok else {}
+
+def check_images(files, # image paths
+                 folder=None, # where verdicts are remembered (`check_cache_dir()`); None: nowhere
+                 num_workers:int=None, # checking threads (default: the cores, at most 8)
+                ) -> dict:
+    "`{path: why}` for the files of `files` that cannot be read, checked in threads; verdicts remembered in `folder`."
+    files = [str(f) for f in files]
+    paths = [os.path.abspath(f) for f in files]
+    stats = {}
+    for p in paths:
+        with suppress(OSError): st = os.stat(p); stats[p] = [st.st_size, st.st_mtime_ns]
+    cache = _checks_file(paths, folder) if folder else None
+    known = _read_checks(cache) if cache else {}
+    why = {p: known[p][2] for p in paths if p in stats and known.get(p, [None])[:2] == stats[p]}
+    todo = list(dict.fromkeys(p for p in paths if p not in why))
+    if todo:
+        with ThreadPoolExecutor(min(defaults.cpus, 8) if num_workers is None else num_workers) as pool:  # PIL decodes without the GIL
+            why.update(zip(todo, pool.map(check_image, todo)))
+        if cache:  # remembered for files still as they were when checked (a deleted file is not)
+            known.update({p: [*stats[p], why[p]] for p in todo if p in stats})
+            with suppress(OSError):  # a cache folder that cannot be written: nothing is remembered
+                with atomic_path(cache) as tmp: tmp.write_text(json.dumps(dict(version=CHECKS_VERSION, checks=known)))
+    return {f: why[p] for f, p in zip(files, paths) if why[p]}
 
 # %% ../nbs/01_data.ipynb #5bb751e4
 _patient_res = [re.compile(r'^(person\d+)_'), re.compile(r'^(.*IM-\d+)-\d+')]
@@ -270,7 +317,7 @@ def load_source(source:str|Path='pneumoniamnist', # `pneumoniamnist[:size]`, an 
         df = _read_csv(path) if path.suffix.lower() == '.csv' else _read_folder(path)
         check(len(df), f"no images found in {path}")
         if verify:
-            bad = [(f, why) for f in df.item if (why := check_image(f))]
+            bad = list(check_images(df.item, check_cache_dir(data_dir)).items())
             if bad:
                 skipped = bad
                 shown = '; '.join(f"{f} ({why})" for f, why in bad[:3])

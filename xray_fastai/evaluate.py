@@ -97,6 +97,7 @@ def _run_source(c:dict, data_dir=None) -> XraySource:
 def eval_learner(run_dir, # a run folder written by `train`
                  src:XraySource=None, # the data (default: the run's source)
                  data_dir=None, # dataset cache folder, for a named source
+                 precision:str='auto', # autocast: auto, fp32, bf16 or fp16 (`resolve_precision`)
                 ) -> Learner:
     "A fastai `Learner` with the run's data pipeline and deployable weights; its config is `learn.config`."
     run_dir = Path(run_dir)
@@ -106,7 +107,7 @@ def eval_learner(run_dir, # a run folder written by `train`
     dls = xray_dataloaders(src, size=c['size'], bs=c['bs'], aug=c['aug'], presize=c['presize'], stats=c['stats'],
                            num_workers=c['num_workers'], seed=c['seed'], cache=c.get('cache', False),
                            **(c.get('aug_kwargs') or {}))
-    learn = xray_learner(dls, c['arch'], pretrained=False, path=run_dir)
+    learn = xray_learner(dls, c['arch'], pretrained=False, path=run_dir, precision=precision)
     load_exported(learn.model, run_dir/'model.safetensors', c['arch'])
     # `evaluate` computes its own metrics; fastai's would run (and warn on tiny batches) in every `get_preds`
     learn.metrics = []
@@ -247,19 +248,20 @@ def _checked_source(c:dict, split:str, target_recall:float, source=None, data_di
           f"or give a --source that has one")
     return own, None
 
-def _run_preds(run_dir:Path, srcs:tuple, split:str, tta:bool, adabn=None) -> tuple:
+def _run_preds(run_dir:Path, srcs:tuple, split:str, tta:bool, adabn=None, precision:str='auto') -> tuple:
     "A run's learner, `split`'s DataLoader, and (probabilities, targets) on the validation split and on `split`."
     own, other = srcs
-    learn = eval_learner(run_dir, own)
+    learn = eval_learner(run_dir, own, precision=precision)
     valid = predict_dl(learn, learn.dls.valid, tta)
     if other is not None:  # another source: the threshold still comes from the run's own validation split
-        learn = eval_learner(run_dir, other)
+        learn = eval_learner(run_dir, other, precision=precision)
         dl = learn.dls.valid
     else: dl = xray_test_dl(learn.dls, split=split)
     if adabn is not None:  # `split`'s model only: validation keeps the trained statistics (and picks the threshold)
         from xray_fastai.shift import adapt_learner
         adapt_learner(learn, adabn, dl)
-    return learn, dl, valid, (valid if split == 'valid' and adabn is None else predict_dl(learn, dl, tta))
+    done = other is None and split == 'valid' and adabn is None  # the validation split's predictions, made above
+    return learn, dl, valid, (valid if done else predict_dl(learn, dl, tta))
 
 def _eval_result(c:dict, name:str, arch:str, mode:str, source, split:str, tta:bool, target_recall:float,
                  valid:tuple, preds:tuple, site:dict=None) -> tuple:
@@ -328,18 +330,20 @@ def evaluate(run_dir, # a run folder written by `train`
              threshold_rule:str='recall', # with `threshold_on`: `recall` (`target_recall`), `youden` or `balanced`
              adabn=None, # re-estimate BatchNorm statistics on these unlabelled images ('same': the evaluated ones)
              prior_correction:bool=False, # correct the probabilities for the split's class prior, estimated by EM
+             precision:str='auto', # autocast: auto, fp32, bf16 or fp16 (`resolve_precision`)
             ) -> dict:
     "Evaluate the run in `run_dir` on `split`, at threshold 0.5 and at the threshold chosen for `target_recall` (or on a site)."
     t0, run_dir, split = time.perf_counter(), Path(run_dir), _split_name(split)
     c = _run_config(run_dir)
     srcs = _checked_source(c, split, target_recall, source, data_dir)
     site = _site_threshold([run_dir], c, threshold_on, threshold_rule, target_recall, tta, data_dir) if threshold_on else None
-    learn, dl, valid, preds = _run_preds(run_dir, srcs, split, tta, adabn)
+    learn, dl, valid, preds = _run_preds(run_dir, srcs, split, tta, adabn, precision)
     if prior_correction:
         from xray_fastai.shift import correct_prior
         preds, pc = correct_prior(preds, c)
     mode = _mode(c['frozen'])
     res, thr = _eval_result(c, run_dir.name, c['arch'], mode, source, split, tta, target_recall, valid, preds, site)
+    res.update(learn.precision_info)
     if adabn is not None: res['adabn'] = learn.adabn
     if prior_correction: res['prior_correction'] = pc
     pos = c['classes'].index(c['positive'])

@@ -25,6 +25,7 @@ from .models import *
 from .distributed import *
 from .sites import SITE_METRICS, SiteCallback, site_dl, feature_batches, kept_rng
 from .reliability import *
+from .precision import *
 
 # %% auto #0
 __all__ = ['MODEL_META_KEYS', 'LR_METHODS', 'MONITORS', 'RECIPES', 'xray_metrics', 'head_splitter', 'FixedFeatureCallback',
@@ -269,6 +270,8 @@ def xray_learner(dls:DataLoaders, # from `xray_dataloaders`
                  weights:str|Path=None, # local state_dict (backbone or full model) to start from
                  class_weights:bool=False, # weight the loss by inverse class frequency
                  path=None, # where the learner writes (the run folder)
+                 precision:str='auto', # autocast: auto, fp32, bf16 or fp16 (`resolve_precision`); weights stay float32
+                 channels_last:bool=None, # channels_last memory format (default: where it is faster, `memory_format_for`)
                  **kwargs # passed to `vision_learner`
                 ) -> Learner:
     "A fastai `Learner` for `dls` with backbone `arch`."
@@ -286,19 +289,18 @@ def xray_learner(dls:DataLoaders, # from `xray_dataloaders`
     if frozen:
         learn.model[0].requires_grad_(False)
         learn.add_cb(FixedFeatureCallback())
-    if torch.cuda.is_available():
-        learn.to_channelslast(amp_mode='bf16' if torch.cuda.is_bf16_supported() else 'fp16')
+    learn.to_precision(precision, channels_last)
     _quiet_progress(learn)
     return learn
 
 # %% ../nbs/03_learner.ipynb #79777be5
 @torch.no_grad()
-def body_features(body, dl) -> tuple:
-    "Features of `body` and the targets for every item of `dl`, in order, on the CPU."
+def body_features(body, dl, precision:str='fp32') -> tuple:
+    "Features of `body` (autocast to a resolved `precision`) and the targets for every item of `dl`, in order, on the CPU."
     body.eval()
     feats, ys = [], []
     for xb, yb in dl:
-        with torch.autocast(xb.device.type, dtype=torch.bfloat16, enabled=xb.device.type == 'cuda'):
+        with autocast_to(precision, xb.device.type):
             feats.append(body(xb).float().cpu())
         ys.append(yb.cpu())
     return torch.cat(feats), torch.cat(ys)
@@ -308,7 +310,8 @@ def feature_learner(learn:Learner, bs:int=None) -> Learner:
     "A `Learner` training `learn`'s head on its body's features, computed once."
     dls = learn.dls
     fix = lambda dl: dl.new(shuffle=False, drop_last=False)
-    train, valid = [list(zip(*body_features(learn.model[0], fix(dl)))) for dl in (dls.train, dls.valid)]
+    prec = getattr(learn, 'precision_info', {}).get('precision', 'fp32')
+    train, valid = [list(zip(*body_features(learn.model[0], fix(dl), prec))) for dl in (dls.train, dls.valid)]
     fdls = DataLoaders.from_dsets(train, valid, bs=bs or dls.bs, device=dls.device, num_workers=0)  # tensors in memory: no workers to fork
     fdls.src, fdls.vocab = dls.src, dls.vocab
     head_learn = Learner(fdls, learn.model[1], loss_func=learn.loss_func, metrics=learn.metrics, path=learn.path,
@@ -407,6 +410,7 @@ def _check_options(c:dict):
     check(not (c['frozen'] and c['freeze_epochs']), "--freeze-epochs is for fine-tuning; --frozen trains only the head")
     check(c['mixup'] >= 0, f"--mixup must be 0 (off) or a positive Beta alpha, got {c['mixup']}")
     check(not (c['mixup'] and c['cached_features']), "--mixup mixes images: it needs --aug, or --finetune")
+    resolve_precision(c.get('precision', 'auto'))  # an unknown name, or fp16 without a GPU: before any folder is made
 
 # %% ../nbs/03_learner.ipynb #f5bea435
 def check_unchanged_source(c:dict, src:XraySource):
@@ -435,7 +439,12 @@ def _build(c:dict, path:Path):
     c.update(stats=dls.stats, classes=list(dls.vocab), positive=src.positive, valid_origin=src.valid_origin,
              presize=dls.presize, counts=src.counts(), skipped=len(src.skipped))
     learn = xray_learner(dls, c['arch'], frozen=c['frozen'], pretrained=c['pretrained'], weights=c['weights'],
-                         class_weights=c['class_weights'], path=path, wd=c['wd'])
+                         class_weights=c['class_weights'], path=path, wd=c['wd'],
+                         # runs made before --precision trained in bf16 on a GPU only
+                         precision=c.get('precision', 'auto' if torch.cuda.is_available() else 'fp32'),
+                         channels_last=c.get('channels_last'))
+    c.update(learn.precision_info)  # resolved: a resumed run keeps them
+    c['channels_last'] = c['memory_format'] == 'channels_last'
     if c.get('site'):  # with the run's validation transforms; made with the random states left as they were
         with kept_rng(): learn.site_dl = site_dl(c, dls.device)
     return learn
@@ -567,6 +576,8 @@ def train_config(source='pneumoniamnist', # `pneumoniamnist[:size]`, an .npz, a 
                  cached_features:bool=None, # frozen + no aug: train the head on features computed once (default: on)
                  cache:bool|str=False, # presize cache: decode and resize each file once (True: in the data cache folder)
                  checkpoint_every:int=None, # also save `last.pth` every N batches (long epochs); SIGTERM saves the batch it ends
+                 precision:str='auto', # autocast: auto (bf16 where native and faster), fp32, bf16, fp16 (GPU)
+                 channels_last:bool=None, # channels_last memory format (default: where it is faster)
                 ) -> dict:
     "The resolved, JSON-serialisable configuration of a training run."
     c = {k: v for k, v in locals().items()}

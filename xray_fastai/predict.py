@@ -20,6 +20,7 @@ from fastai.callback.hook import hook_output
 from .core import *
 from .data import *
 from .learner import load_model_dir
+from .precision import resolve_precision, memory_format_for, autocast_to
 from concurrent.futures import ThreadPoolExecutor  # the standard one: fastcore's (star-imported) maps f(item, *args)
 
 # %% auto #0
@@ -338,6 +339,7 @@ def predict(model_path, # a run folder, or its `model.safetensors`
             adabn=None, # re-estimate BatchNorm statistics on these unlabelled images first ('same': the ones predicted)
             prior_correction:bool=False, # correct the probabilities for the images' class prior, estimated by EM
             engine:str='torch', # 'torch', or 'onnxruntime' (CPU; the run's `model.onnx` from `export_onnx`, extra `[onnx]`)
+            precision:str='auto', # autocast: auto, fp32, bf16 or fp16 (`resolve_precision`)
            ) -> pd.DataFrame:
     "One row per file: path, label, p_<positive> and error (empty when fine); plus gradcam with `gradcam`."
     check(bs > 0, f"--bs must be positive, got {bs}")
@@ -370,9 +372,9 @@ def predict(model_path, # a run folder, or its `model.safetensors`
         from xray_fastai.export import onnx_path
         onnx_file, device = onnx_path(model_path), 'cpu'
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    cuda = device.type == 'cuda'
+    prec, fmt = resolve_precision(precision, device, meta['size']), memory_format_for(device, None, meta['size'])
     model = model.to(device).eval().requires_grad_(False)
-    if cuda: model = model.to(memory_format=torch.channels_last)
+    if fmt == 'channels_last': model = model.to(memory_format=torch.channels_last)
     pre, classes, draft = XrayPreprocess(meta, device), meta['classes'], meta['draft'] if draft is None else draft
     pos_idx, p_col = classes.index(meta['positive']), f"p_{meta['positive'].lower()}"
     if adabn is not None:
@@ -392,8 +394,8 @@ def predict(model_path, # a run folder, or its `model.safetensors`
                 if ok and engine == 'onnxruntime': probs = onnx([loaded[i][0] for i in ok])
                 elif ok:
                     xb = pre.batch([loaded[i][0] for i in ok])
-                    if cuda: xb = xb.contiguous(memory_format=torch.channels_last)
-                    with torch.autocast('cuda', dtype=torch.bfloat16, enabled=cuda):
+                    if fmt == 'channels_last': xb = xb.contiguous(memory_format=torch.channels_last)
+                    with autocast_to(prec, device.type):
                         if gradcam:
                             targets = dict(predicted=[None], positive=[pos_idx], both=range(len(classes)))[cam_class]
                             outs = [grad_cam(model, xb, t, layer) for t in targets]

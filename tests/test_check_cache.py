@@ -1,0 +1,64 @@
+"Image-check cache (issue 17): verdicts remembered by path, size and mtime; a changed file or a damaged cache is checked again."
+import json, os, shutil, time
+import numpy as np, pytest
+from PIL import Image
+import xray_fastai.data as xd
+from xray_fastai.data import load_source, check_images, check_cache_dir
+from conftest import copy_class_folders
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    "Count the files `check_image` decodes (from every thread)."
+    calls, orig = [], xd.check_image
+    monkeypatch.setattr(xd, 'check_image', lambda fn: calls.append(str(fn)) or orig(fn))
+    return calls
+
+def test_second_start_decodes_nothing(shared_data, tmp_path, monkeypatch, counted):
+    root = copy_class_folders(shared_data, tmp_path/'data', 8)
+    monkeypatch.setenv('XRAY_FASTAI_CHECKS', str(tmp_path/'checks'))
+    bad = root/'NORMAL'/'zz-bad.jpeg'; bad.write_bytes(b'not a jpeg')
+    with pytest.warns(UserWarning, match='skipping 1 unreadable'): src = load_source(root, for_training=False)
+    assert len(counted) == 17 and len(src.df) == 16
+    assert len(list((tmp_path/'checks').glob('checks-*.json'))) == 1
+    counted.clear()
+    with pytest.warns(UserWarning, match='skipping 1 unreadable'): again = load_source(root, for_training=False)
+    assert counted == [] and list(again.df.item) == list(src.df.item)  # unchanged: nothing decoded, the same verdicts
+    # a changed file is checked again (new content, size and time), the others are not
+    f = sorted((root/'PNEUMONIA').glob('*.jpeg'))[0]
+    Image.open(f).convert('L').rotate(90).save(f, quality=70)
+    bad.unlink(); shutil.copy(f, bad)  # the unreadable file replaced by a good one
+    assert load_source(root, for_training=False).df.item.str.endswith('zz-bad.jpeg').any()
+    assert sorted(counted) == sorted([str(f), str(bad)])
+
+def test_damaged_cache_is_ignored_and_rebuilt(shared_data, tmp_path, counted):
+    root = copy_class_folders(shared_data, tmp_path/'data', 4)
+    files = sorted(map(str, root.rglob('*.jpeg')))
+    assert check_images(files, tmp_path/'checks') == {} and len(counted) == 8
+    cache, = (tmp_path/'checks').glob('checks-*.json')
+    for junk in ('{"version": 1, "checks": [', '[1, 2]', '{"version": 1, "checks": {"x": 3}}'):
+        cache.write_text(junk); counted.clear()
+        assert check_images(files, tmp_path/'checks') == {} and len(counted) == 8
+        assert len(json.loads(cache.read_text())['checks']) == 8  # written anew
+    counted.clear(); check_images(files, tmp_path/'checks'); assert counted == []
+    os.utime(files[0], ns=(time.time_ns(), time.time_ns() + 10**9))  # touched: same bytes, another time
+    check_images(files, tmp_path/'checks'); assert counted == [files[0]]
+
+def test_threads_agree_and_off_remembers_nothing(shared_data, tmp_path, monkeypatch):
+    root = copy_class_folders(shared_data, tmp_path/'data', 6)
+    (root/'NORMAL'/'a.jpeg').write_text('x'); (root/'PNEUMONIA'/'b.png').write_bytes(b'\x89PNG\r\n')
+    files = sorted(map(str, root.rglob('*.*')))
+    one, two = check_images(files, num_workers=1), check_images(files, tmp_path/'c', num_workers=4)
+    assert one.keys() == two.keys() == {str(root/'NORMAL'/'a.jpeg'), str(root/'PNEUMONIA'/'b.png')}
+    assert check_cache_dir() is None  # tests run with XRAY_FASTAI_CHECKS=off
+    monkeypatch.setenv('XRAY_FASTAI_CHECKS', ''); monkeypatch.setenv('XRAY_FASTAI_DATA', str(tmp_path/'home'))
+    assert check_cache_dir() == tmp_path/'home'/'checks'  # by default: in the data cache folder
+
+def test_cli_data_verify_remembers_in_the_data_folder(shared_data, tmp_path, run_cli):
+    root = copy_class_folders(shared_data, tmp_path/'data', 4)
+    env = dict(XRAY_FASTAI_DATA=str(tmp_path/'home'), XRAY_FASTAI_CHECKS='')
+    for _ in range(2):
+        r = run_cli('data', 'verify', root, env=env)
+        assert r.returncode == 0, r.stderr
+    cache, = (tmp_path/'home'/'checks').glob('checks-*.json')
+    assert len(json.loads(cache.read_text())['checks']) == 8
