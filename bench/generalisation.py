@@ -9,7 +9,8 @@ site sample A (`train --site`), and reports validation and A metrics only: nothi
 the chosen candidate with seeds 0, 1, 2, and evaluates each run on half B once, at threshold 0.5 and at the
 threshold chosen on A by the Youden rule (`evaluate --source B --threshold-on A --threshold-rule youden`); then
 the ensemble of the three; then stock fastai (resnet34 from scratch, fastai's default augmentation, 5 epochs of
-fit_one_cycle at lr 3e-3, last epoch, argmax) with the same seeds, on B, in the same run of this script.
+fit_one_cycle at lr 3e-3, last epoch, argmax) with the same seeds, on B, in the same run of this script. The final
+trainings run --workers at a time (one thread each), so their wall times are longer than alone.
 Each section is appended to bench/GENERALISATION.md (and its numbers to bench/generalisation-<mode>.json) unless
 --no-record."""
 from __future__ import annotations
@@ -113,25 +114,37 @@ def stock_fastai(seed:int, epochs:int=5) -> dict:
     return dict(wall=wall, **binary_metrics(probs[:, pos], targs == pos, 0.5))
 
 
+def _final_seed(name, seed, runs, tta, epochs):
+    "One seed of the chosen candidate: trained watching A, evaluated on B at 0.5 and at A's threshold (a worker process)."
+    import torch; torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', 1)))
+    from xray_fastai.evaluate import evaluate
+    run = runs/f"{name}-seed{seed}"
+    m = _train(run, CANDIDATES[name], seed, epochs)
+    e = evaluate(run, source=str(SITE_B), tta=tta, threshold_on=str(SITE_A), threshold_rule=RULE)
+    return dict(run=str(run), wall=m['wall_seconds'], best_epoch=m['best_epoch'], default=e['default'], chosen=e['chosen'],
+                threshold_on=e['threshold_on'])
+
+def _stock_seed(seed, epochs):
+    import torch; torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', 1)))
+    return stock_fastai(seed, epochs)
+
+
 def final(a, runs):
-    from xray_fastai.evaluate import evaluate, ensemble
-    kw = CANDIDATES[a.candidate]
-    rows, res, done = [], dict(candidate=a.candidate, settings=kw, seeds={}), []
-    for seed in a.seeds:
-        run = runs/f"{a.candidate}-seed{seed}"
-        m = _train(run, kw, seed, a.epochs)
-        e = evaluate(run, source=str(SITE_B), tta=a.tta, threshold_on=str(SITE_A), threshold_rule=RULE)
-        res['seeds'][seed] = dict(wall=m['wall_seconds'], best_epoch=m['best_epoch'], default=e['default'], chosen=e['chosen'],
-                                  threshold_on=e['threshold_on'])
-        done.append(run)
-        print(seed, json.dumps(res['seeds'][seed]['default']), json.dumps(e['chosen']), flush=True)
-    if len(done) > 1:
-        e = ensemble(done, runs/'ensemble', source=str(SITE_B), tta=a.tta, threshold_on=str(SITE_A), threshold_rule=RULE)
+    "The chosen candidate's seeds and stock fastai's, `--workers` at a time (each worker one thread), then the ensemble."
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from xray_fastai.evaluate import ensemble
+    res = dict(candidate=a.candidate, settings=CANDIDATES[a.candidate], workers=a.workers)
+    with ProcessPoolExecutor(a.workers, mp_context=mp.get_context('spawn')) as pool:
+        ours = {s: pool.submit(_final_seed, a.candidate, s, runs, a.tta, a.epochs) for s in a.seeds}
+        stock = {s: pool.submit(_stock_seed, s, a.stock_epochs) for s in a.seeds}
+        res['seeds'] = {s: f.result() for s, f in ours.items()}
+        res['stock'] = {s: f.result() for s, f in stock.items()}
+    for s in a.seeds: print(s, json.dumps(res['seeds'][s]['default']), json.dumps(res['stock'][s]), flush=True)
+    if len(a.seeds) > 1:
+        e = ensemble([Path(res['seeds'][s]['run']) for s in a.seeds], runs/'ensemble', source=str(SITE_B), tta=a.tta,
+                     threshold_on=str(SITE_A), threshold_rule=RULE)
         res['ensemble'] = dict(default=e['default'], chosen=e['chosen'], threshold_on=e['threshold_on'])
-    res['stock'] = {}
-    for seed in a.seeds:
-        res['stock'][seed] = stock_fastai(seed, a.stock_epochs)
-        print('stock', seed, json.dumps(res['stock'][seed]), flush=True)
     S, T = res['seeds'], res['stock']
     def line(name, ms, key):
         g = lambda k: [m[key][k] for m in ms]
@@ -167,6 +180,7 @@ def main(argv=None):
     p.add_argument('--tta', action='store_true', help="final: evaluate with test-time augmentation")
     p.add_argument('--epochs', type=int, default=None, help="override the epochs (smoke runs)")
     p.add_argument('--stock-epochs', type=int, default=5)
+    p.add_argument('--workers', type=int, default=3, help="final: trainings at a time (one thread each)")
     p.add_argument('--runs', default=None, help="folder for the runs (default: bench/runs/generalisation-<mode>)")
     p.add_argument('--no-record', action='store_true')
     a = p.parse_args(argv)
