@@ -391,6 +391,9 @@ def evaluate_cmd(run_dir:RunDirArg, source:EvalSourceOpt=None, split:SplitOpt='t
                  threshold_on=threshold_on, threshold_rule=threshold_rule, adabn=adabn, prior_correction=prior_correction,
                  precision=precision)
     typer.echo(json.dumps(m, indent=2) if as_json else format_eval(m))
+    if not as_json and ('adabn' in m or 'prior_correction' in m):
+        from xray_fastai.shift import format_adaptation
+        typer.echo(format_adaptation(m))
     typer.echo(f"written: {m['folder']}", err=True)
 
 # %% ../nbs/07_cli.ipynb #44dd6fbd

@@ -19,8 +19,8 @@ from .evaluate import binary_metrics, eval_learner, _run_config, _run_source, _e
 
 # %% auto #0
 __all__ = ['ImageBatches', 'image_batches', 'bn_layers', 'adabn', 'em_prior', 'train_prior', 'adapted_name', 'adapt_learner',
-           'adabn_model', 'correct_prior', 'correct_prior_df', 'calibration', 'intensity_stats', 'frechet_distance',
-           'feature_shift', 'model_outputs', 'shift_warnings', 'shift_report', 'shift_markdown']
+           'adabn_model', 'correct_prior', 'correct_prior_df', 'format_adaptation', 'calibration', 'intensity_stats',
+           'frechet_distance', 'feature_shift', 'model_outputs', 'shift_warnings', 'shift_report', 'shift_markdown']
 
 # %% ../nbs/09_shift.ipynb #4f41e2c6
 class ImageBatches:
@@ -184,7 +184,19 @@ def correct_prior_df(df:pd.DataFrame, # `predict`'s result
     df[f"prior_{pos.lower()}"] = float(prior[i])
     return df
 
-# %% ../nbs/09_shift.ipynb #6ccfde2d
+# %% ../nbs/09_shift.ipynb #47ce9c97
+def format_adaptation(m:dict, # an `evaluate` result
+                     ) -> str:
+    "One line saying how an evaluation was adapted without labels (empty when it was not)."
+    parts = []
+    if m.get('adabn'): parts.append(f"AdaBN on {m['adabn']['target']} ({m['adabn']['images']} images)")
+    if m.get('prior_correction'):
+        pc, pos = m['prior_correction'], m['positive']
+        parts.append(f"prior correction: {pos} {pc['train_prior'][pos]:.1%} in training, {pc['estimated_prior'][pos]:.1%} "
+                     f"estimated here by EM ({pc['iterations']} iterations)")
+    return ('adapted without labels: ' + '; '.join(parts)) if parts else ''
+
+# %% ../nbs/09_shift.ipynb #ebda0e66
 def calibration(probs, # positive-class probability per case
                 targets, # 1 for a positive case, else 0
                 bins:int=10, # equal-width probability bins
@@ -200,7 +212,7 @@ def calibration(probs, # positive-class probability per case
     return dict(ece=ece, bins=bins, n=n.tolist(), mean_prob=[None if np.isnan(v) else float(v) for v in conf],
                 frac_pos=[None if np.isnan(v) else float(v) for v in frac])
 
-# %% ../nbs/09_shift.ipynb #ede5c235
+# %% ../nbs/09_shift.ipynb #2573a31a
 def intensity_stats(x:torch.Tensor, # (n, c, h, w) images with pixels in [0, 1]
                    ) -> dict:
     "Pixel mean, std and percentiles, and the mean and std of the per-image mean, of images `x`."
@@ -210,7 +222,7 @@ def intensity_stats(x:torch.Tensor, # (n, c, h, w) images with pixels in [0, 1]
     return dict(n=len(x), mean=float(px.mean()), std=float(px.std()), **{f"p{k}": float(v) for k, v in zip((1, 5, 50, 95, 99), q)},
                 image_mean=float(per_image.mean()), image_mean_std=float(per_image.std()))
 
-# %% ../nbs/09_shift.ipynb #bf9aa13d
+# %% ../nbs/09_shift.ipynb #a2a0b49d
 def frechet_distance(a:np.ndarray, # (n, d) features
                      b:np.ndarray, # (m, d) features
                     ) -> float:
@@ -246,7 +258,7 @@ def feature_shift(ref:np.ndarray, # (n, d) features of the reference (validation
     d, b = float(np.median(dist)), float(np.median(base))
     return dict(distance=d, baseline=b, ratio=d / b if b > 0 else float('inf'), n=n, dims=k, repeats=repeats)
 
-# %% ../nbs/09_shift.ipynb #ef910880
+# %% ../nbs/09_shift.ipynb #1865f53c
 @torch.no_grad()
 def model_outputs(model:nn.Module, # `Sequential(body, head)` as `train` builds it
                   batches, # normalised batches, or `(x, y)` tuples
@@ -268,7 +280,7 @@ def model_outputs(model:nn.Module, # `Sequential(body, head)` as `train` builds 
     return dict(probs=torch.cat(probs), feats=torch.cat(feats).numpy(), targets=torch.cat(ys) if ys else None,
                 intensity=intensity_stats(x), pixels=x)
 
-# %% ../nbs/09_shift.ipynb #814bff24
+# %% ../nbs/09_shift.ipynb #1cb2f6d4
 def _is_unlabelled(source) -> bool:
     "Whether `source` is a folder holding images but no class folders."
     p = Path(str(source)).expanduser()
@@ -290,7 +302,7 @@ def _site_outputs(learn, c:dict, source, split:str, unlabelled:bool, data_dir=No
     items = dl.items
     return model_outputs(slearn.model, dl, c['stats']), src.name, [str(i) for i in items['item']], src.skipped
 
-# %% ../nbs/09_shift.ipynb #25469939
+# %% ../nbs/09_shift.ipynb #0faea386
 def _plot_reliability(cals:dict, fname):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 5))
@@ -324,7 +336,7 @@ def _plot_intensity(pixels:dict, fname):
     ax.legend(fontsize='small')
     return save_fig(fig, fname)
 
-# %% ../nbs/09_shift.ipynb #e39c5207
+# %% ../nbs/09_shift.ipynb #b85e2363
 def shift_warnings(res:dict, # `shift_report`'s result
                    max_ratio:float=2., # feature distance ratio above which the features have shifted
                    max_z:float=1., # brightness shift, in validation standard deviations of the per-image mean
@@ -348,7 +360,7 @@ def shift_warnings(res:dict, # `shift_report`'s result
                          "validation overstates how it will do there.")
     return w
 
-# %% ../nbs/09_shift.ipynb #268feb64
+# %% ../nbs/09_shift.ipynb #0a504a5f
 def shift_report(run_dir, # a run folder written by `train`
                  source, # the site's images: labelled (class folders, CSV, .npz, a dataset name) or a folder of images
                  out, # a new (or empty) folder for the report
@@ -398,7 +410,7 @@ def shift_report(run_dir, # a run folder written by `train`
     atomic_write_text(out/'report.md', shift_markdown(res))
     return {**res, 'folder': str(out)}
 
-# %% ../nbs/09_shift.ipynb #6cbdd283
+# %% ../nbs/09_shift.ipynb #ddc5e272
 def _f(v, fmt='.4f'): return '-' if v is None else format(v, fmt)
 
 def shift_markdown(res:dict) -> str:
