@@ -132,3 +132,10 @@ def test_serve_errors(run_cli, tmp_path):
     assert time.time() - t0 < 10  # (the < 1 s figure is measured on a quiet machine: gradio is imported only when serving)
     assert 'gradio' not in subprocess.run([sys.executable, '-c', 'import sys, xray_fastai.cli; print(sorted(sys.modules))'],
                                           capture_output=True, text=True, cwd=REPO).stdout
+
+
+def test_without_gradio_one_line_naming_the_extra(run, tmp_path, monkeypatch):
+    from xray_fastai.app import make_app
+    from xray_fastai.core import XrayError
+    monkeypatch.setitem(sys.modules, 'gradio', None)  # as if not installed
+    with pytest.raises(XrayError, match=r"the web app needs gradio: pip install 'xray-fastai\[app\]'"): make_app([run], tmp_path)
