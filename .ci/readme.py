@@ -8,7 +8,8 @@ def render(nb_path) -> str:
     parts = []
     for cell in read_nb(nb_path).cells:
         src = cell.source.strip()
-        if cell.cell_type == 'markdown': parts.append(src)
+        # pictures in nbs/images/: the notebook (and the site) link them as images/..., the README from the root
+        if cell.cell_type == 'markdown': parts.append(src.replace('](images/', '](nbs/images/'))
         elif cell.cell_type == 'code' and src and '#| hide' not in src:
             code = '\n'.join(l for l in src.splitlines() if not l.startswith('#|'))
             parts.append(f"```python\n{code}\n```")

@@ -54,7 +54,8 @@ def main():
         load1 = os.getloadavg()
     pt, ox = np.median(rates['torch']), np.median(rates['ort'])
     ratios = [o / p for p, o in zip(rates['torch'], rates['ort'])]
-    cmd = 'python bench/onnx_speed.py ' + ' '.join(sys.argv[1:])
+    env = ' '.join(f'{k}={os.environ[k]}' for k in ('OMP_WAIT_POLICY', 'OMP_NUM_THREADS') if k in os.environ)
+    cmd = (env + ' ' if env else '') + 'python bench/onnx_speed.py ' + ' '.join(sys.argv[1:])
     lines = [f"## {datetime.datetime.now():%Y-%m-%d %H:%M} — ONNX: onnxruntime vs PyTorch CPU inference, {a.arch}, {a.size} px, batch {a.bs}", '',
              f"- command: `{cmd.strip()}`",
              f"- machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}; torch {torch.__version__} and onnxruntime "

@@ -25,7 +25,7 @@ __all__ = ['SourceArg', 'SourceOpt', 'DatasetArg', 'DataDirOpt', 'MirrorOpt', 'N
            'PredsOutOpt', 'GradcamOpt', 'CamClassOpt', 'CamLayerOpt', 'EngineOpt', 'OverwriteOpt', 'FastDecodeOpt',
            'typer_factory', 'examples', 'debugging', 'main', 'data_download', 'format_info', 'data_info', 'data_verify',
            'train_cmd', 'lr_find_cmd', 'evaluate_cmd', 'ensemble_cmd', 'compare_cmd', 'experiment_cmd', 'predict_cmd',
-           'shift_cmd', 'export_cmd']
+           'shift_cmd', 'export_cmd', 'serve_cmd']
 
 # %% ../nbs/07_cli.ipynb #542c9318
 def typer_factory(help:str, # what the app or group is for
@@ -476,7 +476,7 @@ CamLayerOpt = Annotated[Optional[str], typer.Option('--cam-layer', metavar='NAME
     help=r"the layer of the body Grad-CAM explains, e.g. 5 (a resnet's layer2); a wrong name lists them \[default: the "
          "deepest stage whose map is at least 7x7 at the run's input size]")]
 EngineOpt = Annotated[str, typer.Option('--engine', help="torch, or onnxruntime (CPU; needs the run's model.onnx from "
-    "`xray-fastai export RUN --format onnx` and pip install 'xray-fastai[onnx]')")]
+    "`xray-fastai export RUN --format onnx` and pip install 'xray-fastai\\[onnx]')")]
 OverwriteOpt = Annotated[bool, typer.Option('--overwrite', help="replace an existing --out CSV, and the overlays an earlier prediction listed in --gradcam's overlays.json")]
 FastDecodeOpt = Annotated[bool, typer.Option('--fast-decode',
     help="decode JPEGs at reduced scale: faster on full-resolution images, but unless the run trained that way "
@@ -558,6 +558,22 @@ def export_cmd(model:ModelArg,
     check(format == 'onnx', f"--format must be onnx, got {format!r}")
     from xray_fastai.export import export_onnx
     typer.echo(export_onnx(model, out, overwrite=overwrite, opset=opset))
+
+# %% ../nbs/07_cli.ipynb #dfe0b467
+@app.command('serve', no_args_is_help=True, epilog=examples(
+    'serve runs/my-run', 'serve runs/resnet34 runs/mobilenet_v2 --port 8080   # a model picker',
+    'serve runs/my-run --host 0.0.0.0   # reachable from other machines: mind who can reach it'))
+def serve_cmd(run_dirs:Annotated[list[Path], typer.Argument(metavar='RUN_DIR...', show_default=False,
+                  help="run folders written by `xray-fastai train` (several: a model picker)")],
+              host:Annotated[str, typer.Option('--host', help="address to listen on; 0.0.0.0 serves every interface")]='127.0.0.1',
+              port:Annotated[int, typer.Option('--port', help="port to listen on")]=7860,
+              max_file_mb:Annotated[int, typer.Option('--max-file-mb', help="upload size limit per file, in MB")]=20):
+    r"""Serve a web app (Gradio): upload PNG, JPEG or DICOM X-rays, see P(pneumonia), the decisions, Grad-CAM and the model card.
+
+    Needs pip install 'xray-fastai\[app]'. Decisions are shown at 0.5 and at the threshold `evaluate` chose on validation.
+    Uploads and overlays stay in a temporary folder, removed when the server stops; requests are queued, one at a time."""
+    from xray_fastai.app import serve
+    serve(run_dirs, host=host, port=port, max_file_mb=max_file_mb)
 
 # %% ../nbs/07_cli.ipynb #49048a96
 if __name__ == '__main__': main()
