@@ -126,7 +126,8 @@ def _tuples(o): return tuple(_tuples(x) for x in o) if isinstance(o, (list, tupl
 def save_checkpoint(learn, path, epoch:int, **extra):
     "Save model, optimizer, epoch and random states to `path` atomically (a plain, unpickle-free state dict)."
     sl = learn.recorder.smooth_loss  # the smoothed train loss runs across epochs: part of the state to resume
-    state = dict(model=learn.model.state_dict(), opt=_plain(learn.opt.state_dict()) if learn.opt else None,
+    model = learn.model.module if isinstance(learn.model, torch.nn.parallel.DistributedDataParallel) else learn.model  # mid-epoch
+    state = dict(model=model.state_dict(), opt=_plain(learn.opt.state_dict()) if learn.opt else None,
                  epoch=epoch, rng=_rng_state(learn), smooth_loss=[sl.count, float(sl.val)], **extra)
     with atomic_path(path, need=lambda: _nbytes(state)) as tmp:
         with open(tmp, 'wb') as f: torch.save(state, f)  # through a file: a full disk is then ENOSPC, not a RuntimeError
