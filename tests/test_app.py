@@ -12,6 +12,8 @@ from test_predict import small, run  # noqa: F401 (the tiny 64 px run, its head 
 from conftest import REPO
 
 DOCS_SCREENSHOT = REPO/'nbs'/'images'/'app.png'  # refreshed when UPDATE_DOCS_IMAGES=1
+# Debian's chromium (.ci/run installs it); GitHub's Ubuntu runners have Google Chrome instead
+BROWSER = next(filter(None, map(shutil.which, ('chromium', 'chromium-browser', 'google-chrome'))), None)
 
 
 def _free_port() -> int:
@@ -51,6 +53,7 @@ def _upload(page, url, files:list):
 
 
 def test_app_in_a_real_browser(served, shared_data, tmp_path):
+    assert BROWSER, 'no chromium: apt-get install chromium (.ci/run does)'
     run = served['run']
     xray = sorted((shared_data/'chest_xray_224_site_A'/'PNEUMONIA').glob('*.jpeg'))[0]
     fullres = sorted((shared_data/'chest_xray_fullres_sample').rglob('*.jpeg'))[0]
@@ -66,7 +69,7 @@ def test_app_in_a_real_browser(served, shared_data, tmp_path):
     thr, where = chosen_threshold(run)
     assert where == 'eval-valid' and 0 < thr < 1
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=shutil.which('chromium'), args=['--no-sandbox'])
+        browser = p.chromium.launch(executable_path=BROWSER, args=['--no-sandbox'])
         page = browser.new_page(viewport={'width': 1400, 'height': 1150})
         try:
             # a real X-ray and a text file named .png, in one upload
