@@ -8,10 +8,12 @@ from playwright.sync_api import sync_playwright
 from xray_fastai.app import chosen_threshold, model_card, card_markdown
 from xray_fastai.evaluate import evaluate
 from xray_fastai.predict import predict
-from test_predict import small, run  # noqa: F401 (the tiny 64 px run, its head tempered so probabilities spread)
+from test_predict import small, run, _write_dicom  # noqa: F401 (the tiny 64 px run, its head tempered so probabilities spread)
 from conftest import REPO
 
 DOCS_SCREENSHOT = REPO/'nbs'/'images'/'app.png'  # refreshed when UPDATE_DOCS_IMAGES=1
+# Debian's chromium (.ci/run installs it); GitHub's Ubuntu runners have Google Chrome instead
+BROWSER = next(filter(None, map(shutil.which, ('chromium', 'chromium-browser', 'google-chrome'))), None)
 
 
 def _free_port() -> int:
@@ -51,6 +53,7 @@ def _upload(page, url, files:list):
 
 
 def test_app_in_a_real_browser(served, shared_data, tmp_path):
+    assert BROWSER, 'no chromium: apt-get install chromium (.ci/run does)'
     run = served['run']
     xray = sorted((shared_data/'chest_xray_224_site_A'/'PNEUMONIA').glob('*.jpeg'))[0]
     fullres = sorted((shared_data/'chest_xray_fullres_sample').rglob('*.jpeg'))[0]
@@ -60,13 +63,14 @@ def test_app_in_a_real_browser(served, shared_data, tmp_path):
     Image.open(xray).convert('RGBA').save(bad/'rgba.png')
     Image.fromarray((np.asarray(Image.open(xray).convert('L'), np.uint16) * 257)).save(bad/'grey16.png')
     Image.new('1', (20_000, 20_000)).save(bad/'huge.png')  # 400 megapixels in a few kB: a decompression bomb
+    _write_dicom(bad/'scan.dcm', np.asarray(Image.open(xray).convert('L'), np.uint16) * 16)  # 12-bit, as a scanner writes
     big = tmp_path/'big.png'; Image.fromarray(np.random.default_rng(0).integers(0, 255, (1600, 1600), np.uint8)).save(big)
     assert big.stat().st_size > 2.1e6 and (bad/'huge.png').stat().st_size < 1e6
-    expect = predict(run, [xray, bad/'rgba.png', bad/'grey16.png']).p_pneumonia.values
+    expect = predict(run, [xray, bad/'rgba.png', bad/'grey16.png', bad/'scan.dcm']).p_pneumonia.values
     thr, where = chosen_threshold(run)
     assert where == 'eval-valid' and 0 < thr < 1
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=shutil.which('chromium'), args=['--no-sandbox'])
+        browser = p.chromium.launch(executable_path=BROWSER, args=['--no-sandbox'])
         page = browser.new_page(viewport={'width': 1400, 'height': 1150})
         try:
             # a real X-ray and a text file named .png, in one upload
@@ -86,12 +90,13 @@ def test_app_in_a_real_browser(served, shared_data, tmp_path):
             assert shot.format == 'PNG' and shot.width >= 1400 and np.asarray(shot.convert('L')).std() > 20
             if os.environ.get('UPDATE_DOCS_IMAGES') == '1': shutil.copy(tmp_path/'app.png', DOCS_SCREENSHOT)
             # damaged and unusual files: a message on the page, the server keeps serving
-            rows = _upload(page, served['url'], [bad/'truncated.jpeg', bad/'rgba.png', bad/'grey16.png', bad/'huge.png'])
+            rows = _upload(page, served['url'], [bad/'truncated.jpeg', bad/'rgba.png', bad/'grey16.png', bad/'huge.png',
+                                                 bad/'scan.dcm'])
             cells = [r.locator('td').nth(1).inner_text() for r in rows]
             notes = [r.locator('td').last.inner_text() for r in rows]
             assert notes[0].startswith('error: OSError') and notes[3].startswith('error: DecompressionBomb'), notes
-            np.testing.assert_allclose([float(cells[1]), float(cells[2])], expect[1:], atol=1e-4)  # converted to grey
-            assert page.inner_text('#message').startswith('error: 2 of 4 files predicted')
+            np.testing.assert_allclose([float(cells[i]) for i in (1, 2, 4)], expect[1:], atol=1e-4)  # grey, and the DICOM
+            assert page.inner_text('#message').startswith('error: 3 of 5 files predicted')
             # an upload over --max-file-mb is refused by the server, which keeps serving
             page.goto(served['url'])
             page.wait_for_selector('#upload input[type=file]', state='attached', timeout=60_000)

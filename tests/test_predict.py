@@ -188,6 +188,17 @@ def test_gradcam_overlays_have_image_size(run, fullres, tmp_path):
     with pytest.raises(XrayError, match='does not exist'): predict(tmp_path/'no-run', files, gradcam=tmp_path/'cam2')
     assert not (tmp_path/'cam2').exists()  # nothing made for a prediction that never started
 
+def test_gradcam_both_classes_and_layer(run, fullres, tmp_path):
+    "--cam-class both draws a panel per class; --cam-layer picks the layer; wrong values are refused before any write."
+    one = predict(run, fullres[:2], gradcam=tmp_path/'one')
+    both = predict(run, fullres[:2], gradcam=tmp_path/'both', cam_class='both', layer='6')
+    for a, b, f in zip(one.gradcam, both.gradcam, fullres[:2]):
+        assert Image.open(b).width >= Image.open(a).width + Image.open(f).width  # a second panel
+    np.testing.assert_allclose(one.p_pneumonia, both.p_pneumonia, atol=1e-6)
+    with pytest.raises(XrayError, match='--cam-class must be'): predict(run, fullres[:1], gradcam=tmp_path/'x', cam_class='all')
+    with pytest.raises(XrayError, match="--cam-layer 'nope' is not a layer"): predict(run, fullres[:1], gradcam=tmp_path/'y', layer='nope')
+    assert not (tmp_path/'x').exists() and not (tmp_path/'y').exists()
+
 def test_grad_cam_warns_when_it_cannot_localise():
     "At 28 px a resnet's last feature map is 1x1: a layer chosen there gives one flat colour, and the user is told why."
     from xray_fastai.models import build_model
