@@ -10,7 +10,7 @@ from xray_fastai.learner import train
 from xray_fastai.models import build_model
 from xray_fastai.predict import predict
 from xray_fastai.shift import (adabn, bn_layers, em_prior, train_prior, calibration, feature_shift, shift_report,
-                               image_batches)
+                               format_adaptation)
 
 
 def _trained_like(seed=0):
@@ -166,6 +166,7 @@ def test_evaluate_and_predict_adapted(small_run, shared_data, tmp_path):
     folders = {Path(m['folder']).name for m in (plain, ad, pc)}
     assert len(folders) == 3 and Path(ad['folder']).name.endswith('-adabn') and Path(pc['folder']).name.endswith('-prior')
     assert ad['adabn'] == {'target': 'same', 'images': 312} and 'adabn' not in plain
+    assert format_adaptation(ad) == 'adapted without labels: AdaBN on same (312 images)' and format_adaptation(plain) == ''
     assert ad['default'] != plain['default'] and ad['valid'] == plain['valid']  # validation keeps the trained model
     assert load_json(Path(pc['folder'])/'metrics.json')['prior_correction']['iterations'] >= 1
     assert pc['default']['roc_auc'] == pytest.approx(plain['default']['roc_auc'])  # monotone correction
