@@ -106,21 +106,6 @@ def test_sigterm_saves_the_batch_and_resume_matches_an_uninterrupted_run(start_c
     ha, hb = (pd.read_csv(d/'history.csv').drop(columns='seconds') for d in (tmp_path/'ref', out))
     pd.testing.assert_frame_equal(ha, hb)
 
-def test_sigterm_under_ddp_stops_every_process(start_cli, run_cli, mini_npz, tmp_path):
-    "Two DDP processes on the CPU: SIGTERM to the launcher stops both after the same batch, rank 0 saves; --resume finishes."
-    out = tmp_path/'ddp'
-    p = start_cli(*_train_args(mini_npz, '--epochs', 1, '--bs', 16, '--checkpoint-every', 2, '--out', out, '--distributed', 2))
-    _wait_for(out/'last.pth', p.proc)
-    t0 = time.time()
-    p.proc.send_signal(signal.SIGTERM)
-    r = p.result()
-    assert r.returncode == 143 and time.time() - t0 < 40, r.stderr  # within the launcher's 30 s grace period
-    assert f'xray-fastai train --resume {out}' in r.stderr and 'Traceback' not in r.stderr, r.stderr
-    assert 'batch' in torch.load(out/'last.pth', weights_only=True)
-    r = run_cli('train', '--resume', out, '--distributed', 2)  # the rest of the epoch, each process its share of it
-    assert r.returncode == 0, r.stderr
-    assert list(pd.read_csv(out/'history.csv').epoch) == [0]
-
 def _one_more_epoch(out) -> int:
     "Make the stopped run in `out` end after the epoch it is in (not 20 epochs); how many it had completed."
     done = len(pd.read_csv(out/'history.csv')) if (out/'history.csv').exists() else 0
@@ -145,8 +130,9 @@ def _rank_pid(launcher:int, rank:int, timeout=120) -> int:
         time.sleep(0.2)
     raise AssertionError(f'no rank {rank} process under {launcher}')
 
-def test_a_lost_ddp_process_stops_the_others(start_cli, run_cli, mini_npz, tmp_path):
-    "One of two DDP processes killed (SIGKILL): the run exits non-zero within 60 s, not hanging; --resume continues it."
+def test_ddp_lost_process_then_sigterm(start_cli, run_cli, mini_npz, tmp_path):
+    """Two DDP processes on the CPU. One killed (SIGKILL): the run exits non-zero within 60 s instead of hanging, and
+    --resume continues it. SIGTERM to the launcher: both stop after the same batch, rank 0 saves it, exit 143."""
     out = tmp_path/'ddp'
     p = start_cli(*_train_args(mini_npz, '--epochs', 20, '--bs', 16, '--checkpoint-every', 2, '--out', out, '--distributed', 2))
     _wait_for(out/'last.pth', p.proc)
@@ -154,6 +140,17 @@ def test_a_lost_ddp_process_stops_the_others(start_cli, run_cli, mini_npz, tmp_p
     t0 = time.time()
     r = p.result()
     assert r.returncode not in (0, 2) and time.time() - t0 < 60, (r.returncode, r.stderr[-2000:])
+    saved = (out/'last.pth').stat().st_mtime
+    p = start_cli('train', '--resume', out, '--distributed', 2)
+    while (out/'last.pth').stat().st_mtime == saved:  # the resumed run saves again: it continues
+        assert p.proc.poll() is None, p.result().stderr
+        time.sleep(0.1)
+    t0 = time.time()
+    p.proc.send_signal(signal.SIGTERM)
+    r = p.result()
+    assert r.returncode == 143 and time.time() - t0 < 40, r.stderr  # within the launcher's 30 s grace period
+    assert f'xray-fastai train --resume {out}' in r.stderr and 'Traceback' not in r.stderr, r.stderr
+    assert 'batch' in torch.load(out/'last.pth', weights_only=True)  # mid-epoch: each process's share, less its batches done
     done = _one_more_epoch(out)
     r = run_cli('train', '--resume', out, '--distributed', 2)
     assert r.returncode == 0, r.stderr
@@ -161,21 +158,27 @@ def test_a_lost_ddp_process_stops_the_others(start_cli, run_cli, mini_npz, tmp_p
 
 # ----------------------------------------------------------------------------------------------- concurrency
 
-def test_one_run_per_folder(start_cli, run_cli, mini_npz, tmp_path):
-    "A second `train --out X` or `--resume X` while X trains is refused, naming the owner; a dead owner's lock is taken over."
-    out = tmp_path/'run'
-    p = start_cli(*_train_args(mini_npz, '--epochs', 20, '--checkpoint-every', 2, '--out', out))
-    _wait_for(out/'last.pth', p.proc)
-    again, resumed = start_cli(*_train_args(mini_npz, '--epochs', 1, '--out', out)), start_cli('train', '--resume', out)
-    for r in (again.result(), resumed.result()):
-        line = _errline(r)
-        assert f'run folder {out} is in use by pid {p.proc.pid}' in line, line
-    p.proc.kill(); p.result()  # SIGKILL: its lock file stays, naming a dead process
-    assert f'pid {p.proc.pid}' in (out/'.lock').read_text()
-    done = _one_more_epoch(out)
-    r = run_cli('train', '--resume', out)
-    assert r.returncode == 0, r.stderr
-    assert not (out/'.lock').exists() and len(pd.read_csv(out/'history.csv')) == done + 1
+_HOLD = """
+import sys, time
+from xray_fastai.reliability import hold_run_lock
+hold_run_lock(sys.argv[1]); print('held', flush=True); time.sleep(600)
+"""
+
+def test_one_run_per_folder(start_cli, cli_env, run_dir, mini_npz, tmp_path):
+    "A second `train --out X` or `--resume X` while X is held is refused, naming the owner; a dead owner's lock is taken over."
+    from xray_fastai.learner import resume
+    out = _unfinished(run_dir, tmp_path/'run')
+    owner = subprocess.Popen([sys.executable, '-c', _HOLD, str(out)], env=cli_env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout.readline().strip() == 'held'
+        again, resumed = start_cli(*_train_args(mini_npz, '--epochs', 1, '--out', out)), start_cli('train', '--resume', out)
+        for r in (again.result(), resumed.result()):
+            line = _errline(r)
+            assert f'run folder {out} is in use by pid {owner.pid} on ' in line, line
+    finally: owner.kill(); owner.wait()  # SIGKILL: its lock file stays, naming a dead process
+    assert f'pid {owner.pid}' in (out/'.lock').read_text()
+    resume(out)
+    assert not (out/'.lock').exists() and list(pd.read_csv(out/'history.csv').epoch) == [0, 1]
 
 _BUILD_CACHE = """
 import sys
