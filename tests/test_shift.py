@@ -145,7 +145,7 @@ def test_shift_report_labelled(small_run, shared_data, tmp_path):
     with pytest.raises(XrayError, match='already exists and is not empty'): shift_report(small_run, site, out)
 
 
-def test_shift_report_unlabelled_warns_for_a_shifted_folder(small_run, flat_folders, tmp_path):
+def test_shift_report_unlabelled_warns_for_a_shifted_folder(small_run, flat_folders, tmp_path, shared_data):
     like = shift_report(small_run, flat_folders/'like', tmp_path/'like')
     assert not like['labelled'] and like['site'] is None and like['n_site'] == 200
     assert like['warnings'] == [], like['warnings']
@@ -156,6 +156,12 @@ def test_shift_report_unlabelled_warns_for_a_shifted_folder(small_run, flat_fold
     assert 'reliability.png' not in (tmp_path/'inv'/'report.md').read_text() and not (tmp_path/'inv'/'reliability.png').exists()
     assert 'look different' in (tmp_path/'inv'/'report.md').read_text()
     assert list(pd.read_csv(tmp_path/'inv'/'preds.csv').columns) == ['item', 'prob']
+    # --unlabelled ignores class folders; full-resolution JPEGs (L and RGB, any size) and an unreadable file
+    fr = tmp_path/'fullres'
+    shutil.copytree(shared_data/'chest_xray_fullres_sample', fr)
+    (fr/'train'/'NORMAL'/'broken.jpeg').write_bytes(b'not an image')
+    r = shift_report(small_run, fr, tmp_path/'fr', unlabelled=True)
+    assert not r['labelled'] and r['n_site'] == 23 and r['skipped'] == 1 and len(pd.read_csv(tmp_path/'fr'/'preds.csv')) == 23
 
 
 def test_evaluate_and_predict_adapted(small_run, shared_data, tmp_path):
