@@ -1,5 +1,5 @@
 "Faults injected for real (issue 16): SIGTERM, full disks (tmpfs), damaged files, concurrent runs, read-only mounts, a lost DDP process."
-import json, os, shutil, signal, subprocess, sys, time
+import json, os, shutil, signal, subprocess, sys, time, warnings
 from pathlib import Path
 
 import numpy as np, pandas as pd, pytest, torch
@@ -249,7 +249,10 @@ def test_damaged_presize_cache_is_rebuilt(shared_data, tmp_path, how):
     from xray_fastai.data import presize_cache
     files = sorted(str(p) for p in copy_class_folders(shared_data, tmp_path/'src', 5).rglob('*.jpeg'))
     f = presize_cache(files, 32, tmp_path/'cache', num_workers=1)
-    good = f.read_bytes()
+    good, mtime = f.read_bytes(), f.stat().st_mtime_ns
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # a whole cache is used as it is: no warning, not rebuilt
+        assert presize_cache(files, 32, tmp_path/'cache', num_workers=1) == f and f.stat().st_mtime_ns == mtime
     if how == 'empty': f.write_bytes(b'')
     else: _damage(f, how)
     with pytest.warns(UserWarning, match='is damaged .*building it again'):

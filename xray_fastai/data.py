@@ -410,7 +410,9 @@ def _damaged_cache(path, n:int, size:int) -> str|None:
     "What is wrong with presize cache `path`, which should hold `n` images of `size` px; None if it looks whole."
     try:
         with open(path, 'rb') as f:
-            shape, _, dtype = np.lib.format._read_array_header(f, np.lib.format.read_magic(f))
+            major, _ = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
             start = f.tell()
     except Exception as e: return f"unreadable header: {type(e).__name__}"
     if shape != (n, size, size) or dtype != np.uint8: return f"it holds {shape} {dtype}, not ({n}, {size}, {size}) uint8"
