@@ -87,6 +87,9 @@ def test_two_processes_share_one_study(start_cli, mini_npz, tmp_path):
     assert sorted(t.number for t in study.trials) == [0, 1]
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     assert {Path(t.user_attrs['run']).parent.name for t in study.trials} == {'a', 'b'}
+    kw = study.trials[0].user_attrs['train_kwargs']  # the options given are every trial's fixed settings
+    assert (kw['verify'], kw['frozen'], kw['aug'], kw['epochs'], kw['arch']) == (False, True, False, 1, 'resnet18')
+    assert 'lr_mult' not in kw and 'bs' not in kw  # options left at their defaults are train's defaults
 
 def test_train_track_mlflow_cli(run_cli, mini_npz, tmp_path):
     uri = f"sqlite:///{tmp_path/'mlruns.db'}"

@@ -475,7 +475,8 @@ def tune_cmd(ctx:typer.Context, source:SourceOpt='pneumoniamnist',
     from xray_fastai.tune import tune
     own = ('param', 'space', 'n_trials', 'timeout', 'monitor', 'pruner', 'out', 'storage', 'study', 'sampler_seed',
            'keep_checkpoints', 'track', 'track_model', 'as_json')
-    fixed = {k: v for k, v in _train_kwargs(ctx, skip=own).items() if _given(ctx, k) or k in ('source', 'arch', 'epochs', 'seed')}
+    unset = tuple(k for k in ctx.params if not _given(ctx, k) and k not in ('source', 'arch', 'epochs', 'seed'))
+    fixed = _train_kwargs(ctx, skip=own + unset)  # the settings given, by their `train` names (--no-verify: verify=False)
     res = tune(param, space, n_trials=n_trials, timeout=timeout, out=out, study=study, storage=storage, monitor=monitor,
                pruner=pruner, sampler_seed=sampler_seed, keep_checkpoints=keep_checkpoints, track=track,
                track_model=track_model, **fixed)
