@@ -117,3 +117,21 @@ def test_missing_extra_is_one_line(run_cli, tmp_path):
     r = run_cli('tune', '--param', 'lr=loguniform:1e-3:1e-1', '--out', tmp_path/'t',
                 env={'PYTHONPATH': os.pathsep.join([str(fake.parent), os.environ.get('PYTHONPATH', '')])})
     assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: optuna is not installed: pip install 'xray-fastai[tune]'"], r.stderr
+
+def test_experiment_track_mlflow(mini_npz, tmp_path, monkeypatch):
+    "`experiment(track='mlflow')`: one MLflow run per run trained, with its epochs and its test evaluation."
+    from xray_fastai.report import experiment
+    uri = f"sqlite:///{tmp_path/'mlruns.db'}"
+    monkeypatch.setenv('MLFLOW_TRACKING_URI', uri)
+    out = tmp_path/'exp'
+    experiment(str(mini_npz), archs='resnet18', modes='frozen', out=out, epochs=2, track='mlflow', pretrained=False,
+               aug=False, verify=False, bs=64)
+    client = MlflowClient(uri)
+    [mr] = client.search_runs([client.get_experiment_by_name('exp').experiment_id])
+    hist, ev = pd.read_csv(out/'resnet18-frozen'/'history.csv'), load_json(out/'resnet18-frozen'/'eval-test'/'metrics.json')
+    np.testing.assert_allclose(_metric_steps(client, mr.info.run_id, 'valid_loss'), hist.valid_loss.values, rtol=1e-6)
+    assert mr.data.metrics['test_accuracy'] == pytest.approx(ev['default']['accuracy'])
+    assert mr.data.tags['mode'] == 'frozen' and mr.info.status == 'FINISHED'
+    experiment(str(mini_npz), archs='resnet18', modes='frozen', out=out, epochs=2, track='mlflow', pretrained=False,
+               aug=False, verify=False, bs=64)  # again: the finished run is reused, and not logged twice
+    assert len(client.search_runs([client.get_experiment_by_name('exp').experiment_id])) == 1
