@@ -118,6 +118,13 @@ def test_missing_extra_is_one_line(run_cli, tmp_path):
                 env={'PYTHONPATH': os.pathsep.join([str(fake.parent), os.environ.get('PYTHONPATH', '')])})
     assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: optuna is not installed: pip install 'xray-fastai[tune]'"], r.stderr
 
+def test_a_finished_lean_run_is_not_resumed(tmp_path):
+    "A finished run without its checkpoints: `resume` says there is nothing to resume, rather than 'no checkpoint yet'."
+    from xray_fastai.core import XrayError, save_json
+    from xray_fastai.learner import resume
+    save_json({'arch': 'resnet18'}, tmp_path/'config.json'); save_json({'epochs': 1}, tmp_path/'metrics.json')
+    with pytest.raises(XrayError, match='is a finished run .*nothing to resume'): resume(tmp_path)
+
 def test_experiment_track_mlflow(mini_npz, tmp_path, monkeypatch):
     "`experiment(track='mlflow')`: one MLflow run per run trained, with its epochs and its test evaluation."
     from xray_fastai.report import experiment

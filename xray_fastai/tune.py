@@ -189,7 +189,9 @@ def _plot(fn, study, fname) -> Path|None:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')  # ExperimentalWarning
             ax = fn(study)
-    except (ValueError, RuntimeError, ZeroDivisionError): return None
+    except Exception as e:  # a plot is not worth losing the trials table for
+        print(f"note: no {Path(fname).name} ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})", file=sys.stderr)
+        return None
     fig = (ax[0] if isinstance(ax, np.ndarray) else ax).figure
     fig.set_size_inches(7, 4.5); fig.tight_layout()
     return save_fig(fig, fname)
