@@ -17,7 +17,7 @@ def test_resume_where_the_data_moved(mini_npz, tmp_path):
     import json, shutil
     a = tmp_path/'a'
     a.mkdir(); shutil.copy(mini_npz, a/'pneumoniamnist.npz')
-    run = train(out=tmp_path/'run', **{**_kw(mini_npz, arch='resnet18', frozen=True, aug=False, epochs=1, lr=1e-2),
+    run = train(out=tmp_path/'run', keep_checkpoints=True, **{**_kw(mini_npz, arch='resnet18', frozen=True, aug=False, epochs=1, lr=1e-2),
                                        'source': 'pneumoniamnist', 'data_dir': str(a)})
     cfg = load_json(run/'config.json')
     (run/'config.json').write_text(json.dumps({**cfg, 'epochs': 2}))  # as a run stopped after its first epoch
@@ -94,12 +94,16 @@ def test_finetune_discriminative_lrs(mini_npz, tmp_path):
     assert lrs == sorted(lrs) and lrs[0] == pytest.approx(1e-5) and lrs[-1] == pytest.approx(1e-4)
 
 def test_train_writes_run_folder(mini_npz, tmp_path):
-    run = train(out=tmp_path/'run', **_kw(mini_npz, arch='resnet34', frozen=True, epochs=2, lr='auto'))
+    run = train(out=tmp_path/'run', keep_checkpoints=True, **_kw(mini_npz, arch='resnet34', frozen=True, epochs=2, lr='auto'))
     names = {p.name for p in run.iterdir()}
     assert {'config.json', 'history.csv', 'best.pth', 'last.pth', 'lr_find.png', 'loss.png', 'metrics.json',
             'model.safetensors', 'model.json'} <= names
     mode = lambda f: oct((run/f).stat().st_mode & 0o777)
     assert mode('model.safetensors') == mode('config.json') == mode('last.pth')  # the umask's: others can read the model
+    from safetensors.torch import load_file
+    from xray_fastai.learner import load_checkpoint
+    best, exported = load_checkpoint(run/'best.pth')['model'], load_file(run/'model.safetensors')
+    assert best.keys() == exported.keys() and all(torch.equal(best[k], exported[k]) for k in best)  # the best model, once
     c, m = load_json(run/'config.json'), load_json(run/'metrics.json')
     assert np.isfinite(c['lr']) and c['lr'] > 0 and set(c['lr_suggestions']) == {'valley', 'slide', 'minimum', 'steep'}
     assert (run/'lr_find.png').read_bytes()[:4] == b'\x89PNG'
@@ -113,7 +117,7 @@ def test_train_writes_run_folder(mini_npz, tmp_path):
 
 def test_early_stopping_stops(mini_npz, tmp_path):
     # a huge learning rate makes valid_loss worse after the first epoch; patience 1 stops the run early
-    run = train(out=tmp_path/'es', **_kw(mini_npz, arch='resnet34', frozen=True, epochs=6, lr=5.0, patience=1))
+    run = train(out=tmp_path/'es', keep_checkpoints=True, **_kw(mini_npz, arch='resnet34', frozen=True, epochs=6, lr=5.0, patience=1))
     n = len(pd.read_csv(run/'history.csv'))
     assert n < 6
     from xray_fastai.learner import load_checkpoint

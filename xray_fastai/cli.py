@@ -20,12 +20,13 @@ __all__ = ['SourceArg', 'SourceOpt', 'DatasetArg', 'DataDirOpt', 'MirrorOpt', 'N
            'DebugOpt', 'app', 'data_app', 'ArchOpt', 'FrozenOpt', 'PretrainedOpt', 'WeightsOpt', 'BsOpt', 'SizeOpt',
            'AugOpt', 'AugParamOpt', 'LrMethodOpt', 'ClassWeightsOpt', 'WorkersOpt', 'CacheOpt', 'EpochsOpt', 'LrOpt',
            'LrMultOpt', 'FreezeEpochsOpt', 'MonitorOpt', 'PatienceOpt', 'WdOpt', 'MixupOpt', 'RecipeOpt', 'SiteOpt',
-           'PrecisionOpt', 'RunDirArg', 'RunDirsArg', 'EvalSourceOpt', 'SplitOpt', 'TargetRecallOpt', 'TtaOpt',
-           'ThresholdOnOpt', 'ThresholdRuleOpt', 'AdabnOpt', 'PriorCorrectionOpt', 'ModelArg', 'PredictPathsArg',
-           'PredsOutOpt', 'GradcamOpt', 'CamClassOpt', 'CamLayerOpt', 'EngineOpt', 'OverwriteOpt', 'FastDecodeOpt',
-           'typer_factory', 'examples', 'debugging', 'main', 'data_download', 'format_info', 'data_info', 'data_verify',
-           'train_cmd', 'lr_find_cmd', 'evaluate_cmd', 'ensemble_cmd', 'compare_cmd', 'experiment_cmd', 'predict_cmd',
-           'shift_cmd', 'export_cmd', 'serve_cmd']
+           'PrecisionOpt', 'KeepCheckpointsOpt', 'TrackOpt', 'TrackModelOpt', 'RunDirArg', 'RunDirsArg',
+           'EvalSourceOpt', 'SplitOpt', 'TargetRecallOpt', 'TtaOpt', 'ThresholdOnOpt', 'ThresholdRuleOpt', 'AdabnOpt',
+           'PriorCorrectionOpt', 'ModelArg', 'PredictPathsArg', 'PredsOutOpt', 'GradcamOpt', 'CamClassOpt',
+           'CamLayerOpt', 'EngineOpt', 'OverwriteOpt', 'FastDecodeOpt', 'typer_factory', 'examples', 'debugging',
+           'main', 'data_download', 'format_info', 'data_info', 'data_verify', 'train_cmd', 'lr_find_cmd',
+           'evaluate_cmd', 'ensemble_cmd', 'compare_cmd', 'experiment_cmd', 'tune_cmd', 'predict_cmd', 'shift_cmd',
+           'export_cmd', 'serve_cmd']
 
 # %% ../nbs/07_cli.ipynb #542c9318
 def typer_factory(help:str, # what the app or group is for
@@ -278,6 +279,25 @@ PrecisionOpt = Annotated[str, typer.Option('--precision', metavar='auto|fp32|bf1
     help="autocast precision; weights and files stay float32. auto: bf16 on GPUs that support it and on CPUs with native "
          "bf16 (avx512_bf16/AMX) from 224 px (smaller images train faster in fp32 there), else fp32. fp16: GPUs only")]
 
+# %% ../nbs/07_cli.ipynb #7a1c0e14
+KeepCheckpointsOpt = Annotated[bool, typer.Option('--keep-checkpoints',
+    help="keep best.pth and last.pth (with optimizer state) once the run has finished; by default a finished run "
+         "folder keeps its best model once, as model.safetensors")]
+TrackOpt = Annotated[Optional[str], typer.Option('--track', metavar='TRACKER', show_default=False,
+    help="log the run to an experiment tracker: mlflow (pip install 'xray-fastai[track]'; $MLFLOW_TRACKING_URI, "
+         "default sqlite:///mlruns.db in the working directory)")]
+TrackModelOpt = Annotated[bool, typer.Option('--track-model', help="with --track: also upload the model (model.safetensors + model.json)")]
+_RUN_OPTS = ('keep_checkpoints', 'track', 'track_model')
+
+def _train(ctx:typer.Context, **kwargs):
+    "`train`, with the command's --keep-checkpoints, --track and --track-model."
+    p = ctx.params
+    if p.get('track'):
+        from xray_fastai.track import train_tracked
+        return train_tracked(p['track'], p.get('track_model', False), keep_checkpoints=p.get('keep_checkpoints', False), **kwargs)
+    from xray_fastai.learner import train
+    return train(keep_checkpoints=p.get('keep_checkpoints', False), **kwargs)
+
 # %% ../nbs/07_cli.ipynb #423b2d76
 @app.command('train', epilog=examples(
     'train --recipe pneumoniamnist   # the measured recipe from scratch on a CPU (bench/ACCURACY.md)',
@@ -304,7 +324,8 @@ def train_cmd(ctx:typer.Context, recipe:RecipeOpt=None, source:SourceOpt='pneumo
               distributed:Annotated[int, typer.Option('--distributed', metavar='N',
                   help="start N local processes (one per GPU, else CPU processes) training together with DDP; "
                        "not needed under torchrun or accelerate launch (pip install accelerate)")]=1,
-              sync_bn:Annotated[bool, typer.Option('--sync-bn', help="distributed on GPUs: BatchNorm statistics over all processes' batches")]=False):
+              sync_bn:Annotated[bool, typer.Option('--sync-bn', help="distributed on GPUs: BatchNorm statistics over all processes' batches")]=False,
+              keep_checkpoints:KeepCheckpointsOpt=False, track:TrackOpt=None, track_model:TrackModelOpt=False):
     "Train a backbone as a fixed feature extractor (--frozen) or fine-tuned, and write a run folder."
     check(distributed >= 1, f"--distributed must be at least 1, got {distributed}")
     if distributed > 1 and 'WORLD_SIZE' not in os.environ:  # not yet under a launcher: be one
@@ -316,8 +337,8 @@ def train_cmd(ctx:typer.Context, recipe:RecipeOpt=None, source:SourceOpt='pneumo
         check(not given, f"--resume continues a run with its own settings: drop {', '.join(given)} "
               "(only --data-dir and --distributed go with it)")
         path = learner.resume(resume, data_dir=data_dir)
-    else: path = learner.train(out=out, sync_bn=sync_bn, recipe=recipe,
-                               **_train_kwargs(ctx, skip=('out', 'resume', 'distributed', 'sync_bn')))
+    else: path = _train(ctx, out=out, sync_bn=sync_bn, recipe=recipe,
+                        **_train_kwargs(ctx, skip=('out', 'resume', 'distributed', 'sync_bn', *_RUN_OPTS)))
     if not _rank0(): return
     m = learner.load_json(path/'metrics.json')
     typer.echo(f"{path}  best epoch {m['best_epoch'] + 1}/{m['epochs']}: " +
@@ -450,7 +471,8 @@ def experiment_cmd(ctx:typer.Context, source:SourceOpt='pneumoniamnist',
                    seed:SeedOpt=42, data_dir:DataDirOpt=None, valid_pct:ValidPctOpt=0.2, no_verify:NoVerifyOpt=False,
                    num_workers:WorkersOpt=None, precision:PrecisionOpt='auto',
                    split:Annotated[str, typer.Option('--split', help="evaluate every run on this split")]='test',
-                   target_recall:TargetRecallOpt=0.95, as_json:JsonOpt=False):
+                   target_recall:TargetRecallOpt=0.95, as_json:JsonOpt=False,
+                   track:TrackOpt=None, track_model:TrackModelOpt=False):
     """Train every backbone in every mode, evaluate each run and compare them in DIR/report.md.
 
     The runs go to DIR/ARCH-MODE/. Every option is checked before the first run starts. Running the same command
@@ -460,6 +482,57 @@ def experiment_cmd(ctx:typer.Context, source:SourceOpt='pneumoniamnist',
                      **_train_kwargs(ctx, skip=('source', 'archs', 'modes', 'out', 'epochs', 'split', 'target_recall', 'as_json')))
     typer.echo(json.dumps({k: res[k] for k in ('split', 'rows', 'findings', 'files')}, indent=2) if as_json
                else format_compare(res))
+
+# %% ../nbs/07_cli.ipynb #6f3d2a90
+@app.command('tune', epilog=examples(
+    'tune --arch resnet18 --no-pretrained --epochs 3 --param lr=loguniform:1e-4:1e-1 --param bs=choice:64,128 --n-trials 20 --out tune-mnist',
+    'tune --space space.toml --monitor roc_auc_score --pruner hyperband --out tune-auc   # again: continues the study',
+    'tune --space space.toml --storage sqlite:////shared/tune.db --study auc   # one study, several processes or machines'))
+def tune_cmd(ctx:typer.Context, source:SourceOpt='pneumoniamnist',
+             param:Annotated[Optional[list[str]], typer.Option('--param', '-p', metavar='NAME=DIST', show_default=False,
+                 help="a setting to search: lr=loguniform:1e-4:1e-1, wd=uniform:0:0.1, epochs=int:1:5, "
+                      "arch=choice:resnet18,mobilenet_v2, aug.max_rotate=uniform:0:15; a plain value is fixed; repeatable")]=None,
+             space:Annotated[Optional[Path], typer.Option('--space', metavar='FILE', show_default=False,
+                 help=r"a TOML search space: \[space] NAME = 'DIST' (a list is a choice), \[space.aug] KEY = 'DIST'")]=None,
+             n_trials:Annotated[int, typer.Option('--n-trials', '-n', help="trials to add to the study")]=20,
+             timeout:Annotated[Optional[float], typer.Option('--timeout', metavar='SECONDS', show_default=False,
+                 help="start no trial after this many seconds")]=None,
+             monitor:Annotated[str, typer.Option('--monitor',
+                 help="the objective, on validation: valid_loss (minimised), accuracy, f1_score, roc_auc_score... (maximised)")]='valid_loss',
+             pruner:Annotated[str, typer.Option('--pruner', help="stop unpromising trials early: median, hyperband or none")]='median',
+             out:Annotated[Path, typer.Option('--out', '-o', metavar='DIR',
+                 help="folder for the trials (trial-NNNN/) and trials.csv, history.png, importance.png, best_command.txt")]=Path('tune'),
+             storage:Annotated[Optional[str], typer.Option('--storage', metavar='URL', show_default=False,
+                 help=r"Optuna storage shared by every process of the study \[default: sqlite:///DIR/tune.db]")]=None,
+             study:Annotated[str, typer.Option('--study', help="study name in the storage: the same command again continues it")]='xray-fastai',
+             sampler_seed:Annotated[Optional[int], typer.Option('--sampler-seed', show_default=False,
+                 help="seed of the TPE sampler (give each process of a shared study its own)")]=None,
+             arch:ArchOpt='resnet34', frozen:FrozenOpt=False, epochs:EpochsOpt=5, lr:LrOpt=None, lr_mult:LrMultOpt=None,
+             freeze_epochs:FreezeEpochsOpt=0, bs:BsOpt=64, size:SizeOpt=None, aug:AugOpt=True, aug_param:AugParamOpt=None,
+             mixup:MixupOpt=0.0, pretrained:PretrainedOpt=True, patience:PatienceOpt=None,
+             class_weights:ClassWeightsOpt=False, wd:WdOpt=None, cache:CacheOpt=False, seed:SeedOpt=42,
+             data_dir:DataDirOpt=None, valid_pct:ValidPctOpt=0.2, no_verify:NoVerifyOpt=False, num_workers:WorkersOpt=None,
+             keep_checkpoints:KeepCheckpointsOpt=False, track:TrackOpt=None, track_model:TrackModelOpt=False,
+             as_json:JsonOpt=False):
+    """Search training settings with Optuna: every trial a run folder, pruned early when it falls behind.
+
+    Prints the best trial and its `xray-fastai train` command (also in DIR/best_command.txt). Running the same
+    command again adds --n-trials trials to the study; Ctrl-C keeps every finished trial."""
+    from xray_fastai.tune import tune
+    own = ('param', 'space', 'n_trials', 'timeout', 'monitor', 'pruner', 'out', 'storage', 'study', 'sampler_seed',
+           'keep_checkpoints', 'track', 'track_model', 'as_json')
+    unset = tuple(k for k in ctx.params if not _given(ctx, k) and k not in ('source', 'arch', 'epochs', 'seed'))
+    fixed = _train_kwargs(ctx, skip=own + unset)  # the settings given, by their `train` names (--no-verify: verify=False)
+    res = tune(param, space, n_trials=n_trials, timeout=timeout, out=out, study=study, storage=storage, monitor=monitor,
+               pruner=pruner, sampler_seed=sampler_seed, keep_checkpoints=keep_checkpoints, track=track,
+               track_model=track_model, **fixed)
+    if as_json: return typer.echo(json.dumps(res, indent=2))
+    t = res['trials']
+    typer.echo(f"study {res['study']}: {t['complete']} complete, {t['pruned']} pruned, {t['fail']} failed trial(s)")
+    if res['best']:
+        b = res['best']
+        typer.echo(f"best: trial {b['number']}  {res['monitor']} {b['value']:.4f}  ({b['run']})\n{b['command']}")
+    typer.echo(f"written: {out}", err=True)
 
 # %% ../nbs/07_cli.ipynb #d19792cd
 ModelArg = Annotated[Path, typer.Argument(metavar='MODEL', show_default=False,

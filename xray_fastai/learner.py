@@ -536,6 +536,8 @@ def _finish(learn:Learner, c:dict, path:Path, wall:float) -> dict:
     save_json(res, path/'metrics.json')
     _plot_history(hist, path/'loss.png')
     export_model(learn, path, c)
+    if not c.get('keep_checkpoints'):  # lean: model.safetensors holds best.pth's weights; a finished run is not resumed
+        for f in ('best.pth', 'last.pth'): (path/f).unlink(missing_ok=True)
     return res
 
 def _plot_history(hist:pd.DataFrame, fname):
@@ -631,6 +633,7 @@ def train(out=None, # the run folder (default: `runs/<timestamp>-<arch>-<mode>`)
           cbs=None, # extra fastai callbacks for every `fit_one_cycle`
           sync_bn:bool=False, # distributed on GPUs: BatchNorm statistics over every process's batch
           recipe:str=None, # start from the settings of a recipe in `RECIPES`; `kwargs` override them
+          keep_checkpoints:bool=False, # keep best.pth and last.pth once the run has finished (default: model.safetensors only)
           **kwargs # see `train_config`
          ) -> Path:
     "Train one run and write its folder (under torchrun, with every process; rank 0 writes); returns the folder."
@@ -645,7 +648,7 @@ def train(out=None, # the run folder (default: `runs/<timestamp>-<arch>-<mode>`)
         learn = rank0_first(_build, c, path)  # downloads and caches are made once, by rank 0
         if c['lr'] == 'auto':
             c['lr'], c['lr_suggestions'] = on_rank0(find_lr, learn, c['lr_method'], plot=path/'lr_find.png')
-        c.update(recipe=recipe, sync_bn=sync_bn, processes=max(1, num_distrib()), versions=_versions(),
+        c.update(recipe=recipe, sync_bn=sync_bn, keep_checkpoints=keep_checkpoints, processes=max(1, num_distrib()), versions=_versions(),
                  started=datetime.datetime.now().isoformat(timespec='seconds'))
         if not rank_distrib(): save_json(c, path/'config.json')
         _fit(learn, c, cbs=cbs, started=t0)
@@ -694,6 +697,8 @@ def resume(path, # a run folder written by `train`
     "Continue the run in folder `path` after its last completed epoch; the result matches an uninterrupted run."
     path = Path(path)
     check((path/'config.json').exists(), f"{path} is not a run folder (no config.json)")
+    check((path/'last.pth').exists() or not (path/'metrics.json').exists(),
+          f"{path} is a finished run (its checkpoints were not kept): there is nothing to resume")
     check((path/'last.pth').exists(), f"{path} has no checkpoint (last.pth) yet: start the run again instead")
     if not rank_distrib(): hold_run_lock(path)  # one process writes a run folder at a time
     try:

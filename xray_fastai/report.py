@@ -276,6 +276,8 @@ def experiment(source='pneumoniamnist', # `pneumoniamnist[:size]`, an .npz, a fo
                epochs:int=5, # epochs per run
                split:str='test', # evaluate every run on this split
                target_recall:float=0.95, # recall the chosen threshold must reach on validation
+               track:str=None, # 'mlflow': log each run trained here (with its evaluation) to MLflow, experiment `out`'s name
+               track_model:bool=False, # also upload each run's model
                **train_kwargs # more `train` options for every run (e.g. `pretrained=False`, `bs`); `freeze_epochs` for fine-tuning only
               ) -> dict:
     "Train, evaluate and compare every architecture in every mode; the report goes to `out/report.md`."
@@ -291,6 +293,9 @@ def experiment(source='pneumoniamnist', # `pneumoniamnist[:size]`, an .npz, a fo
         run = out/f"{arch.replace('/', '_')}-{mode}"
         plan.append((run, kw, _run_state(run, train_config(**kw))))
     _checked_source(train_config(**plan[0][1]), split, target_recall)  # before the first run trains, not after
+    if track:
+        from xray_fastai.track import check_track
+        check_track(track)
     save_json(dict(source=str(source), archs=archs, modes=modes, epochs=epochs, split=split,
                    target_recall=target_recall, train_kwargs=train_kwargs), out/'experiment.json')
     for i, (run, kw, state) in enumerate(plan, 1):
@@ -301,4 +306,9 @@ def experiment(source='pneumoniamnist', # `pneumoniamnist[:size]`, an .npz, a fo
         ev = eval_dir(run, split)/'metrics.json'
         if state != 'done' or not ev.is_file() or load_json(ev)['target_recall'] != target_recall:
             evaluate(run, split=split, target_recall=target_recall, data_dir=train_kwargs.get('data_dir'))
+        if track and state != 'done':  # a finished run reused was logged when it was made
+            from xray_fastai.track import track_run
+            m = load_json(eval_dir(run, split)/'metrics.json')['default']
+            track_run(run, track, experiment=out.resolve().name, track_model=track_model, tags={'experiment': str(out)},
+                      extra={f'{split}_{k}': m[k] for k in _EVAL_KEYS if isinstance(m.get(k), (int, float))})
     return compare([run for run, _, _ in plan], out=out, split=split)
