@@ -65,10 +65,10 @@ def _train_args(data, *more):
 
 @pytest.fixture(scope='module')
 def run_dir(mini_npz, tmp_path_factory):
-    "A finished 1-epoch run (frozen resnet18, 28 px): every file a run folder holds."
+    "A finished 1-epoch run (frozen resnet18, 28 px) that keeps its checkpoints: every file a run folder can hold."
     from xray_fastai.learner import train
     return train(out=tmp_path_factory.mktemp('runs')/'tiny', source=str(mini_npz), verify=False, pretrained=False,
-                 arch='resnet18', frozen=True, aug=False, epochs=1, lr=1e-2, bs=64, seed=0)
+                 arch='resnet18', frozen=True, aug=False, epochs=1, lr=1e-2, bs=64, seed=0, keep_checkpoints=True)
 
 def _unfinished(run_dir, dest) -> Path:
     "A copy of `run_dir` as a 2-epoch run stopped after its first epoch (what --resume continues)."

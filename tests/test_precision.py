@@ -38,7 +38,7 @@ def _float_dtypes(sd) -> set: return {v.dtype for v in sd.values() if torch.is_t
 @pytest.mark.parametrize('precision', ['bf16', 'fp32'])
 def test_autocast_and_float32_files(tiny_npz, tmp_path, precision):
     hook = DtypeHook()
-    run = train(out=tmp_path/precision, cbs=[hook], epochs=1, precision=precision, **_kw(tiny_npz))
+    run = train(out=tmp_path/precision, cbs=[hook], epochs=1, precision=precision, keep_checkpoints=True, **_kw(tiny_npz))
     assert hook.seen == {torch.bfloat16 if precision == 'bf16' else torch.float32}
     c = load_json(run/'config.json')
     assert (c['precision'], c['memory_format'], c['device']) == (precision, 'contiguous', 'cpu')
