@@ -14,7 +14,7 @@ from fastcore.imports import IN_NOTEBOOK
 # %% auto #0
 __all__ = ['STALE_TMP_SECONDS', 'NO_SPACE', 'READ_ONLY', 'XrayError', 'Preempted', 'DamagedFileError', 'check', 'check_out_dir',
            'remove_stale_tmp', 'no_space_error', 'caused_by', 'read_only_error', 'atomic_path', 'atomic_write_text',
-           'save_json', 'load_json', 'data_dir', 'pyplot', 'save_fig', 'md5sum']
+           'save_json', 'load_json', 'data_dir', 'example_data', 'pyplot', 'save_fig', 'md5sum']
 
 # %% ../nbs/00_core.ipynb #0cf8ce33
 class XrayError(Exception):
@@ -136,6 +136,15 @@ def data_dir(path=None) -> Path:
     "The folder holding downloaded datasets: `path`, else `$XRAY_FASTAI_DATA`, else `~/.cache/xray-fastai`."
     path = path or os.environ.get('XRAY_FASTAI_DATA') or Path.home()/'.cache'/'xray-fastai'
     return Path(path).expanduser()
+
+# %% ../nbs/00_core.ipynb #5e1a0b02
+def example_data(*parts:str, # a path inside the folder, e.g. `'pneumoniamnist_site_A'`
+                ) -> Path:
+    "The project's example data: `$XRAY_FASTAI_EXAMPLES`, else `../shared/data` beside the repository."
+    import xray_fastai
+    root = Path(os.environ.get('XRAY_FASTAI_EXAMPLES') or Path(xray_fastai.__file__).resolve().parents[2]/'shared'/'data')
+    check(root.is_dir(), f"the example data folder {root} is missing: set XRAY_FASTAI_EXAMPLES, or see ../shared/data/README.md")
+    return root.joinpath(*parts)
 
 # %% ../nbs/00_core.ipynb #e080326b
 def pyplot():
