@@ -1,9 +1,10 @@
 "Shared fixtures: the project's test data in ../shared/data, a clean environment, and running the real CLI."
-import os, shutil, subprocess, sys
+import os, shutil, subprocess, sys, time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fastai.callback.core import Callback
 
 REPO = Path(__file__).resolve().parents[1]
 _PROXY_VARS = ('http_proxy', 'https_proxy', 'all_proxy', 'HTTP_PROXY', 'HTTPS_PROXY', 'ALL_PROXY')
@@ -92,3 +93,22 @@ def copy_class_folders(shared_data:Path, root:Path, n:int) -> Path:
         (root/cls).mkdir(parents=True)
         for f in sorted((shared_data/'chest_xray_224'/'train'/cls).glob('*.jpeg'))[:n]: shutil.copy(f, root/cls)
     return root
+
+
+def wait_for(path:Path, proc, timeout:float=300):
+    "Wait until `path` exists, failing if the process `proc` (a `Popen`) ends first or `timeout` seconds pass."
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < timeout, f'{path} never appeared'
+        time.sleep(0.1)
+
+
+class Crash(Callback):
+    "Die (like a killed process) once `n` epochs of the run are complete and checkpointed."
+    order = 100
+    def __init__(self, n): self.n, self.done = n, 0
+    def after_epoch(self):
+        if getattr(self.learn, 'replaying', False): return
+        self.done += 1
+        if self.done == self.n: raise RuntimeError('simulated crash')

@@ -6,7 +6,7 @@ import numpy as np, pandas as pd, pytest, torch
 from safetensors.torch import load_file
 
 from xray_fastai.core import XrayError, md5sum
-from conftest import REPO, copy_class_folders
+from conftest import REPO, copy_class_folders, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -16,13 +16,6 @@ def _errline(r) -> str:
     lines = [l for l in r.stderr.splitlines() if l.startswith('error: ')]
     assert r.returncode == 2 and len(lines) == 1 and 'Traceback' not in r.stderr, r.stderr
     return lines[0]
-
-def _wait_for(path, proc, timeout=300):
-    t0 = time.time()
-    while not path.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() - t0 < timeout, f'{path} never appeared'
-        time.sleep(0.1)
 
 def _tmp_files(folder) -> list:
     return [p.name for p in Path(folder).rglob('.*.tmp')]
@@ -86,7 +79,7 @@ def test_sigterm_saves_the_batch_and_resume_matches_an_uninterrupted_run(start_c
     ref = start_cli(*args, '--out', tmp_path/'ref')
     out = tmp_path/'run'
     p = start_cli(*args, '--out', out, '--checkpoint-every', 3)
-    _wait_for(out/'last.pth', p.proc)
+    wait_for(out/'last.pth', p.proc)
     every = torch.load(out/'last.pth', weights_only=True)
     assert every['epoch'] == -1 and every['batch'] % 3 == 0  # --checkpoint-every 3: saved within the first epoch
     t0 = time.time()
@@ -135,7 +128,7 @@ def test_ddp_lost_process_then_sigterm(start_cli, run_cli, mini_npz, tmp_path):
     --resume continues it. SIGTERM to the launcher: both stop after the same batch, rank 0 saves it, exit 143."""
     out = tmp_path/'ddp'
     p = start_cli(*_train_args(mini_npz, '--epochs', 20, '--bs', 16, '--checkpoint-every', 2, '--out', out, '--distributed', 2))
-    _wait_for(out/'last.pth', p.proc)
+    wait_for(out/'last.pth', p.proc)
     os.kill(_rank_pid(p.proc.pid, 1), signal.SIGKILL)
     t0 = time.time()
     r = p.result()

@@ -2,6 +2,7 @@
 import numpy as np, pandas as pd, pytest, torch
 from fastai.callback.core import Callback
 from safetensors.torch import load_file
+from conftest import Crash
 from xray_fastai.core import load_json, XrayError
 from xray_fastai.data import load_source, xray_dataloaders
 from xray_fastai.learner import train, resume, train_config, xray_learner, load_checkpoint
@@ -65,15 +66,6 @@ def test_auto_picks_bf16_only_where_native(mini_npz, monkeypatch):
     with pytest.raises(XrayError, match='needs a GPU'): resolve_precision('fp16', 'cpu')
     with pytest.raises(XrayError, match='unknown --precision'): train_config(precision='half')
 
-
-class Crash(Callback):
-    "Die (like a killed process) once `n` epochs of the run are complete and checkpointed."
-    order = 100
-    def __init__(self, n): self.n, self.done = n, 0
-    def after_epoch(self):
-        if getattr(self.learn, 'replaying', False): return
-        self.done += 1
-        if self.done == self.n: raise RuntimeError('simulated crash')
 
 def test_bf16_resumes_exactly_and_seed_reproduces(tiny_npz, tmp_path):
     kw = _kw(tiny_npz, epochs=2, precision='bf16')

@@ -5,7 +5,7 @@ import numpy as np, pandas as pd, pytest, torch
 from PIL import Image
 from xray_fastai.core import XrayError, load_json, save_json
 from xray_fastai.data import load_source, open_xray
-from conftest import copy_class_folders
+from conftest import copy_class_folders, wait_for
 
 def _errline(r):
     lines = [l for l in r.stderr.splitlines() if l.startswith('error: ')]
@@ -135,13 +135,6 @@ def test_save_that_fails_midway_keeps_the_previous_file(tmp_path, monkeypatch):
     with pytest.raises(OSError): save_json({'a': 2}, tmp_path/'m.json')
     assert load_json(tmp_path/'m.json') == {'a': 1}
 
-def _wait_for(path, proc, timeout=240):
-    t0 = time.time()
-    while not path.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() - t0 < timeout, f'{path} never appeared'
-        time.sleep(0.2)
-
 def _train_proc(cli_env, mini_npz, out, epochs=3, size=28):
     args = [sys.executable, '-m', 'xray_fastai.cli', 'train', '--data', str(mini_npz), '--no-pretrained', '--no-verify',
             '--arch', 'resnet34', '--epochs', str(epochs), '--bs', '64', '--seed', '1', '--size', str(size), '--out', str(out)]
@@ -150,7 +143,7 @@ def _train_proc(cli_env, mini_npz, out, epochs=3, size=28):
 def test_sigkill_then_resume(cli_env, mini_npz, run_cli, tmp_path):
     out = tmp_path/'run'
     p = _train_proc(cli_env, mini_npz, out)
-    _wait_for(out/'last.pth', p)
+    wait_for(out/'last.pth', p)
     p.kill(); p.communicate()
     done = len(pd.read_csv(out/'history.csv'))
     assert 1 <= done < 3 and not (out/'metrics.json').exists()
@@ -167,7 +160,7 @@ def test_sigkill_then_resume(cli_env, mini_npz, run_cli, tmp_path):
 def test_ctrl_c_leaves_a_resumable_run(cli_env, mini_npz, tmp_path):
     out = tmp_path/'run'
     p = _train_proc(cli_env, mini_npz, out, epochs=20)
-    _wait_for(out/'last.pth', p)
+    wait_for(out/'last.pth', p)
     p.send_signal(signal.SIGINT)
     stdout, stderr = p.communicate(timeout=120)
     assert p.returncode == 130, stderr
@@ -178,14 +171,14 @@ def test_ctrl_c_before_the_first_epoch_leaves_nothing(cli_env, mini_npz, tmp_pat
     "Nothing to resume: the half-made run folder goes (it would block --out), and no --resume is suggested."
     out = tmp_path/'run'
     p = _train_proc(cli_env, mini_npz, out, epochs=20, size=112)  # a long first epoch: the signal lands inside it
-    _wait_for(out/'config.json', p)
+    wait_for(out/'config.json', p)
     p.send_signal(signal.SIGINT)
     _, stderr = p.communicate(timeout=120)
     assert p.returncode == 130 and 'no epoch was completed, so nothing was kept' in stderr, stderr
     assert '--resume' not in stderr and not out.exists()
     mine = tmp_path/'mine'; mine.mkdir()  # the user's empty --out stays, empty
     p = _train_proc(cli_env, mini_npz, mine, epochs=20, size=112)
-    _wait_for(mine/'config.json', p)
+    wait_for(mine/'config.json', p)
     p.send_signal(signal.SIGINT); p.communicate(timeout=120)
     assert mine.is_dir() and not any(mine.iterdir())
 

@@ -2,9 +2,9 @@
 from pathlib import Path
 import numpy as np, pandas as pd, pytest, torch
 from xray_fastai.core import load_json, XrayError
-from fastai.callback.core import Callback
 from xray_fastai.data import GREY_IMAGENET_STATS
 from xray_fastai.learner import train, resume, train_config, _build
+from conftest import Crash
 
 pytestmark = pytest.mark.slow
 
@@ -127,15 +127,6 @@ def test_same_seed_same_history(mini_npz, tmp_path):
     kw = _kw(mini_npz, arch='resnet34', frozen=True, epochs=2, lr=1e-2)
     a, b = (pd.read_csv(train(out=tmp_path/n, **kw)/'history.csv').drop(columns='seconds') for n in 'ab')
     pd.testing.assert_frame_equal(a, b)
-
-class Crash(Callback):
-    "Die (like a killed process) once `n` epochs of the run are complete and checkpointed."
-    order = 100
-    def __init__(self, n): self.n, self.done = n, 0
-    def after_epoch(self):
-        if getattr(self.learn, 'replaying', False): return
-        self.done += 1
-        if self.done == self.n: raise RuntimeError('simulated crash')
 
 @pytest.mark.parametrize('crash_after', [1, 3])  # inside the head-only stage / inside the fine-tune stage
 def test_resume_matches_uninterrupted(mini_npz, tmp_path, crash_after):
