@@ -1,7 +1,9 @@
 "Comparison of runs (stability, table, findings, plots) and the experiment grid."
+import shutil
 import pandas as pd, pytest
 from xray_fastai.core import XrayError, load_json, save_json
 from xray_fastai.report import stability, compare, format_compare, experiment
+from xray_fastai.learner import train
 
 PNG = b'\x89PNG\r\n\x1a\n'
 
@@ -163,6 +165,9 @@ def test_experiment_grid(mini_npz, tmp_path):
 
     # again: finished runs are reused, an interrupted one is resumed, other settings are refused
     mtime = (out/'resnet34-finetune'/'model.safetensors').stat().st_mtime_ns
+    shutil.rmtree(out/'resnet34-frozen')  # finished runs are lean: make it again with its checkpoints, as if interrupted
+    train(out=out/'resnet34-frozen', source=str(mini_npz), arch='resnet34', frozen=True, keep_checkpoints=True,
+          **{k: v for k, v in kw.items() if k != 'freeze_epochs'})
     for f in ('metrics.json', 'model.safetensors'): (out/'resnet34-frozen'/f).unlink()
     again = experiment(mini_npz, 'resnet34,mobilenet_v2', 'frozen,finetune', out, **kw)
     assert (out/'resnet34-finetune'/'model.safetensors').stat().st_mtime_ns == mtime

@@ -58,8 +58,8 @@ def test_site_leaves_training_unchanged(mini_npz, shared_data, tmp_path):
 
 def test_resume_keeps_site_columns(mini_npz, shared_data, tmp_path):
     "A frozen run with augmentation (no cached features) resumed for a third epoch: the replayed rows keep their site values."
-    run = train(out=tmp_path/'run', **_kw(mini_npz, frozen=True, epochs=2, lr=1e-2, monitor='site_loss',
-                                          site=str(shared_data/'pneumoniamnist_site_A')))
+    run = train(out=tmp_path/'run', keep_checkpoints=True, **_kw(mini_npz, frozen=True, epochs=2, lr=1e-2,
+                                                                monitor='site_loss', site=str(shared_data/'pneumoniamnist_site_A')))
     before = pd.read_csv(run/'history.csv')
     cfg = load_json(run/'config.json')
     (run/'config.json').write_text(json.dumps({**cfg, 'epochs': 3}))  # as a run stopped after its second epoch

@@ -265,7 +265,7 @@ def _run_state(run:Path, want:dict) -> str:
     check(not diff, f"{run} holds a run with other settings (" +
           ', '.join(f"{k} {have.get(k)!r}, not {want[k]!r}" for k in diff) + "): choose another --out")
     if (run/'metrics.json').is_file() and (run/'model.safetensors').is_file(): return 'done'
-    check((run/'last.pth').is_file(), f"{run} holds a run that stopped before its first epoch: delete it and run again")
+    check((run/'last.pth').is_file(), f"{run} holds a run with no checkpoint to resume (stopped before its first epoch, or finished lean and its results since removed): delete it and run again")
     return 'resume'
 
 # %% ../nbs/05_report.ipynb #7e9a7629
