@@ -279,11 +279,12 @@ def _eval_result(c:dict, name:str, arch:str, mode:str, source, split:str, tta:bo
 
 SITE_THRESHOLD = 'site_threshold.json'  # in a run folder: the latest threshold `evaluate --threshold-on` chose
 
-def _site_threshold(runs:list, c:dict, source, rule:str, target_recall:float, tta:bool, data_dir=None) -> dict:
+def _site_threshold(runs:list, c:dict, source, rule:str, target_recall:float, tta:bool, data_dir=None,
+                    precision:str='auto') -> dict:
     "The threshold `rule` chooses on the labelled site sample `source` for the (mean) probabilities of `runs`, and the site's metrics there."
     check(rule in THRESHOLD_RULES, f"unknown --threshold-rule {rule!r}: use {', '.join(THRESHOLD_RULES)}")
     src = _external_source(c, source, 'test', data_dir)  # a folder of class folders is used whole
-    pairs = [predict_dl(learn, learn.dls.valid, tta) for learn in (eval_learner(r, src) for r in runs)]
+    pairs = [predict_dl(learn, learn.dls.valid, tta) for learn in (eval_learner(r, src, precision=precision) for r in runs)]
     pos = c['classes'].index(c['positive'])
     p, t = torch.stack([o for o, _ in pairs]).mean(0)[:, pos], pairs[0][1] == pos
     thr = threshold_for_rule(p, t, rule, target_recall)
@@ -336,7 +337,8 @@ def evaluate(run_dir, # a run folder written by `train`
     t0, run_dir, split = time.perf_counter(), Path(run_dir), _split_name(split)
     c = _run_config(run_dir)
     srcs = _checked_source(c, split, target_recall, source, data_dir)
-    site = _site_threshold([run_dir], c, threshold_on, threshold_rule, target_recall, tta, data_dir) if threshold_on else None
+    site = (_site_threshold([run_dir], c, threshold_on, threshold_rule, target_recall, tta, data_dir, precision)
+            if threshold_on else None)  # at the precision the split is predicted at
     learn, dl, valid, preds = _run_preds(run_dir, srcs, split, tta, adabn, precision)
     if prior_correction:
         from xray_fastai.shift import correct_prior
