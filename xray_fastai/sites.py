@@ -6,12 +6,12 @@ Docs: https://xray-fastai.github.io/xray-fastai/sites.html.md"""
 
 # %% ../nbs/02d_sites.ipynb #9f5673ac
 from __future__ import annotations
-import random
 from contextlib import contextmanager
 
 import numpy as np, pandas as pd, torch
 from fastcore.all import *
 from fastai.vision.all import Callback, Recorder
+from fastai.torch_core import get_random_states, set_random_states
 from .core import *
 from .data import *
 from .distributed import is_distributed, on_rank0
@@ -50,12 +50,9 @@ def site_dl(c:dict, # a run's config, resolved by `_build` (size, presize, stats
 @contextmanager
 def kept_rng():
     "Put Python's, NumPy's and torch's (CPU and CUDA) random states back on exit: training's draws stay as they were."
-    st = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    st = get_random_states()
     try: yield
-    finally:
-        random.setstate(st[0]); np.random.set_state(st[1]); torch.set_rng_state(st[2])
-        if cuda is not None: torch.cuda.set_rng_state_all(cuda)
+    finally: set_random_states(**st)
 
 # %% ../nbs/02d_sites.ipynb #9d12b941
 @torch.no_grad()
