@@ -2,7 +2,7 @@
 """Re-render the docs: run notebooks in place and keep their outputs (figures, tables), then `nbdev-clean`.
 
     python .ci/render_docs.py                 # every notebook in nbs/
-    python .ci/render_docs.py 03_learner 05_report.ipynb nbs/06_predict.ipynb
+    python .ci/render_docs.py 03d_learner 05_report.ipynb nbs/06_predict.ipynb
 
 Each notebook runs in its own process with execnb's `CaptureShell`, from `nbs/` (as `nbdev-test` runs it),
 with `MPLBACKEND=Agg` and this checkout's `xray_fastai` first on the path. The cells `nbdev-test` skips are

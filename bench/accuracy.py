@@ -44,7 +44,8 @@ def main(argv=None):
     p.add_argument('--runs', default=None, help="folder for the runs (default: a new bench/runs/accuracy-<time>)")
     p.add_argument('--out', default=str(REPO/'bench'/'ACCURACY.md')); p.add_argument('--no-record', action='store_true')
     a = p.parse_args(argv)
-    from xray_fastai.learner import train, RECIPES
+    from xray_fastai.learner import train
+    from xray_fastai.config import RECIPES
     from xray_fastai.evaluate import evaluate, ensemble
     from xray_fastai.core import load_json
     started, load_start = datetime.datetime.now(), os.getloadavg()

@@ -1,4 +1,4 @@
-"""Wall time of `xray_fastai.report.experiment` on PneumoniaMNIST 28 px: 2 architectures x {frozen, finetune}, 3 epochs each.
+"""Wall time of `xray_fastai.experiment.experiment` on PneumoniaMNIST 28 px: 2 architectures x {frozen, finetune}, 3 epochs each.
 
     python bench/experiment_time.py                 # appends a row to bench/RESULTS.md (target: < 6 min)
     python bench/experiment_time.py --epochs 1 --archs resnet18 --modes frozen --no-record   # smoke run
@@ -26,7 +26,7 @@ def main(argv=None):
     p.add_argument('--out', default=str(REPO/'bench'/'RESULTS.md')); p.add_argument('--no-record', action='store_true')
     a = p.parse_args(argv)
     started, load_start = datetime.datetime.now(), os.getloadavg()
-    try: from xray_fastai.report import experiment
+    try: from xray_fastai.experiment import experiment
     except ImportError: experiment = None
     if experiment is None:
         line = (f"\n## {started:%Y-%m-%d %H:%M} — experiment wall time\n\n| `experiment` ({a.archs} x {a.modes}, {a.epochs} epochs, "
@@ -53,7 +53,7 @@ def main(argv=None):
                 f"- load average (1/5/15 min): at start {tuple(round(x, 2) for x in load_start)}, "
                 f"at end {tuple(round(x, 2) for x in load_end)}\n\n"
                 f"| what | wall time | target | verdict |\n| --- | ---: | ---: | --- |\n"
-                f"| `report.experiment`: {a.archs} x {a.modes} ({n} runs), {a.epochs} epochs each, PneumoniaMNIST 28 px, "
+                f"| `experiment.experiment`: {a.archs} x {a.modes} ({n} runs), {a.epochs} epochs each, PneumoniaMNIST 28 px, "
                 f"train + evaluate + compare | {wall:.0f} s ({wall / 60:.1f} min) | < {TARGET_S // 60} min | {verdict} |\n")
     print(line)
     if not a.no_record: append_results(a.out, line)

@@ -22,7 +22,7 @@ def test_train_frozen_cli(run_cli, mini_npz, tmp_path):
     assert len(hist) == 2 and hist.accuracy.between(0, 1).all()
 
 def test_train_recipe_cli(run_cli, mini_npz, tmp_path):
-    from xray_fastai.learner import RECIPES
+    from xray_fastai.config import RECIPES
     out, recipe = tmp_path/'run', RECIPES['pneumoniamnist']
     # the options given override the recipe; the others are the recipe's, not the CLI's defaults
     r = run_cli('train', '--recipe', 'pneumoniamnist', '--data', mini_npz, '--epochs', '1', '--aug-param', 'max_rotate=3',
@@ -34,8 +34,8 @@ def test_train_recipe_cli(run_cli, mini_npz, tmp_path):
     assert (cfg['arch'], cfg['bs']) != ('resnet34', 64)  # not the CLI's defaults
     assert cfg['aug_kwargs'] == {**recipe.get('aug_kwargs', {}), 'max_rotate': 3.0}
     assert len(pd.read_csv(out/'history.csv')) == 1
-    _one_line_error(run_cli('train', '--recipe', 'kermany', '--out', tmp_path/'k'), 'recipe kermany', '--source FOLDER')
-    _one_line_error(run_cli('train', '--recipe', 'cifar', '--out', tmp_path/'c'), "unknown recipe 'cifar'", 'pneumoniamnist')
+    _one_line_error(run_cli('train', '--recipe', 'kermany', '--out', tmp_path/'k'), '--recipe kermany', '--source (a folder')
+    _one_line_error(run_cli('train', '--recipe', 'cifar', '--out', tmp_path/'c'), "unknown --recipe 'cifar'", 'pneumoniamnist')
     assert not (tmp_path/'k').exists() and not (tmp_path/'c').exists()
 
 def test_offline_pretrained_is_one_line_and_leaves_no_run(run_cli, mini_npz, tmp_path):

@@ -32,7 +32,7 @@ def test_train_distributed_2_cpu(run_cli, mini_npz, tmp_path):
     assert json.loads((out/'config.json').read_text())['processes'] == 2
     sums = _checksums(ck)
     assert len(sums) == 1  # every rank ends with the same weights...
-    from xray_fastai.learner import load_model_dir
+    from xray_fastai.runs import load_model_dir
     from xray_fastai.distributed import model_checksum
     assert model_checksum(load_model_dir(out)[0]) in sums  # ...which are the exported model's
 

@@ -4,7 +4,8 @@ from pathlib import Path
 import numpy as np, pandas as pd, pytest, torch
 from xray_fastai.core import XrayError, load_json, save_json
 from xray_fastai.evaluate import binary_metrics, threshold_for_recall, evaluate, eval_dir, format_eval, decide, ensemble
-from xray_fastai.learner import train, load_model_dir
+from xray_fastai.learner import train
+from xray_fastai.runs import load_model_dir
 
 PNG = b'\x89PNG\r\n\x1a\n'
 

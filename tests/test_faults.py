@@ -209,7 +209,8 @@ def _damage(f:Path, how:str):
     f.write_bytes(b[:len(b) // 2] if how == 'truncated' else b'\xff' * 16 + b[16:-16] + b'\xff' * 16)
 
 def _read_run_file(name, run):
-    from xray_fastai.learner import resume, load_model_dir
+    from xray_fastai.learner import resume
+    from xray_fastai.runs import load_model_dir
     if name in ('last.pth', 'history.csv', 'config.json'): resume(run)  # what --resume reads first
     else: load_model_dir(run)  # what predict and evaluate read
 
@@ -260,8 +261,9 @@ def _no_space(e, folder, name):
 
 @pytest.fixture(scope='module')
 def learn(mini_npz, tmp_path_factory):
-    from xray_fastai.learner import train_config, _build
-    c = train_config(source=str(mini_npz), verify=False, pretrained=False, arch='resnet18', epochs=1, bs=64)
+    from xray_fastai.config import RunConfig
+    from xray_fastai.learner import _build
+    c = RunConfig(source=str(mini_npz), verify=False, pretrained=False, arch='resnet18', epochs=1, bs=64)
     l = _build(c, tmp_path_factory.mktemp('learn'))
     l.create_opt()
     return l, c
@@ -269,7 +271,8 @@ def learn(mini_npz, tmp_path_factory):
 @pytest.mark.parametrize('what', ['checkpoint', 'model', 'history', 'evaluation', 'presize cache', 'download'])
 def test_full_disk_while_writing(what, mounts, learn, run_dir, shared_data, tmp_path):
     "ENOSPC from a real full tmpfs: one line naming the folder and the bytes needed; earlier files intact, no partial file."
-    from xray_fastai.learner import save_checkpoint, export_model
+    from xray_fastai.checkpoints import save_checkpoint
+    from xray_fastai.runs import export_model
     disk = mounts.tmpfs(tmp_path/'disk')
     l, c = learn
     if what == 'checkpoint':

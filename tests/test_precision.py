@@ -5,7 +5,9 @@ from safetensors.torch import load_file
 from conftest import Crash
 from xray_fastai.core import load_json, XrayError
 from xray_fastai.data import load_source, xray_dataloaders
-from xray_fastai.learner import train, resume, train_config, xray_learner, load_checkpoint
+from xray_fastai.config import RunConfig
+from xray_fastai.learner import train, resume, xray_learner
+from xray_fastai.checkpoints import load_checkpoint
 from xray_fastai.precision import CPUAutocast, resolve_precision, cpu_has_bf16
 
 pytestmark = pytest.mark.slow
@@ -64,7 +66,7 @@ def test_auto_picks_bf16_only_where_native(mini_npz, monkeypatch):
     assert info(28) == ('fp32', False)  # measured slower than float32 at small sizes
     assert resolve_precision('bf16', 'cpu', 28) == 'bf16'  # asked for: given
     with pytest.raises(XrayError, match='needs a GPU'): resolve_precision('fp16', 'cpu')
-    with pytest.raises(XrayError, match='unknown --precision'): train_config(precision='half')
+    with pytest.raises(XrayError, match='unknown `precision`'): RunConfig(precision='half')
 
 
 def test_bf16_resumes_exactly_and_seed_reproduces(tiny_npz, tmp_path):

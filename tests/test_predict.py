@@ -8,7 +8,8 @@ from fastai.vision.all import Learner, CrossEntropyLossFlat
 from xray_fastai.core import XrayError, load_json, save_json
 from xray_fastai.data import load_source, xray_dataloaders
 from safetensors.torch import save_file
-from xray_fastai.learner import train, load_model_dir
+from xray_fastai.learner import train
+from xray_fastai.runs import load_model_dir
 from xray_fastai.predict import (predict, open_dicom, is_dicom, validation_settings, load_predictor, XrayPreprocess,
                                  read_xray, grad_cam, cam_overlay, cam_figure, cam_layer, cam_stages)
 from conftest import copy_class_folders
@@ -381,7 +382,7 @@ def test_only_the_exported_model_file(run, fullres, tmp_path):
     other = Path(shutil.copytree(run, tmp_path/'r', ignore=shutil.ignore_patterns('*.pth')))/'older.safetensors'
     other.write_bytes(b'')
     with pytest.raises(XrayError, match='older.safetensors is not the model'): predict(other, fullres[:1])
-    from xray_fastai.learner import load_model_dir
+    from xray_fastai.runs import load_model_dir
     with pytest.raises(XrayError, match='older.safetensors is not the model'): load_model_dir(other)
 
 

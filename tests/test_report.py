@@ -2,7 +2,8 @@
 import shutil
 import pandas as pd, pytest
 from xray_fastai.core import XrayError, load_json, save_json
-from xray_fastai.report import stability, compare, format_compare, experiment
+from xray_fastai.report import stability, compare, format_compare
+from xray_fastai.experiment import experiment
 from xray_fastai.learner import train
 
 PNG = b'\x89PNG\r\n\x1a\n'

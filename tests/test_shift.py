@@ -5,6 +5,8 @@ import numpy as np, pandas as pd, pytest, torch
 from PIL import Image
 from torch import nn
 from xray_fastai.core import XrayError, load_json
+from xray_fastai.config import RunConfig
+from xray_fastai.evaluate import ensemble
 from xray_fastai.evaluate import binary_metrics, evaluate
 from xray_fastai.learner import train
 from xray_fastai.models import build_model
@@ -92,9 +94,9 @@ def test_em_recovers_a_known_prior(prior):
 
 def test_train_prior():
     c = dict(classes=['NORMAL', 'PNEUMONIA'], counts={'train': {'NORMAL': 1, 'PNEUMONIA': 3}})
-    assert train_prior(c) == [0.25, 0.75]
-    assert train_prior({**c, 'class_weights': True}) == [0.5, 0.5]  # inverse-frequency weights: a uniform prior
-    with pytest.raises(XrayError, match='class counts'): train_prior(dict(classes=['a', 'b']))
+    assert train_prior(RunConfig.from_dict(c)) == [0.25, 0.75]
+    assert train_prior(RunConfig.from_dict({**c, 'class_weights': True})) == [0.5, 0.5]  # inverse-frequency weights: uniform
+    with pytest.raises(XrayError, match='class counts'): train_prior(RunConfig.from_dict(dict(classes=['a', 'b'])))
 
 
 def test_calibration_and_feature_shift():
@@ -188,9 +190,26 @@ def test_evaluate_and_predict_adapted(small_run, shared_data, tmp_path):
     ad_raw = predict(small_run, files, adabn='same')
     np.testing.assert_allclose(df.p_pneumonia_uncorrected, ad_raw.p_pneumonia)
     assert not np.allclose(ad_raw.p_pneumonia, raw.p_pneumonia)
-    fixed, prior, _ = em_prior(np.stack([1 - ad_raw.p_pneumonia, ad_raw.p_pneumonia], 1), train_prior(load_json(small_run/'config.json')))
+    fixed, prior, _ = em_prior(np.stack([1 - ad_raw.p_pneumonia, ad_raw.p_pneumonia], 1), train_prior(RunConfig.load(small_run)))
     np.testing.assert_allclose(df.p_pneumonia, fixed[:, 1], rtol=1e-6)
     assert (df.label == np.where(fixed[:, 1] >= 0.5, 'PNEUMONIA', 'NORMAL')).all()
+
+
+def test_ensemble_adapted(small_run, mini_npz, shared_data, tmp_path):
+    "`ensemble --adabn same`: every member adapted to the site's images, then averaged; prior correction on the mean."
+    other = train(out=tmp_path/'other', source=str(mini_npz), verify=False, pretrained=False, arch='resnet18', aug=False,
+                  epochs=1, lr=1e-2, bs=64, seed=1)
+    site = shared_data/'pneumoniamnist_site_A'
+    plain = ensemble([small_run, other], tmp_path/'plain', source=site)
+    ad = ensemble([small_run, other], tmp_path/'ad', source=site, adabn='same', prior_correction=True)
+    members = [pd.read_csv(Path(evaluate(r, source=site, adabn='same')['folder'])/'preds.csv').prob for r in (small_run, other)]
+    mean = (members[0] + members[1]) / 2
+    unc = pd.read_csv(tmp_path/'plain'/'preds.csv').prob
+    assert not np.allclose(mean, unc)  # adapted members predict otherwise
+    fixed, prior, _ = em_prior(np.stack([1 - mean, mean], 1), train_prior(RunConfig.load(small_run)))
+    np.testing.assert_allclose(pd.read_csv(tmp_path/'ad'/'preds.csv').prob, fixed[:, 1], rtol=1e-5)
+    assert ad['adabn'] == {'target': 'same', 'images': 312} and ad['prior_correction']['iterations'] >= 1
+    assert 'adabn' not in plain and ad['valid'] == plain['valid']  # validation keeps the trained members
 
 
 def _main(capsys, *args) -> tuple:

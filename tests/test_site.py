@@ -2,7 +2,9 @@
 import json
 import numpy as np, pandas as pd, pytest, torch
 from xray_fastai.core import load_json, XrayError
-from xray_fastai.learner import train, resume, train_config, load_model_dir
+from xray_fastai.config import RunConfig
+from xray_fastai.learner import train, resume
+from xray_fastai.runs import load_model_dir
 from xray_fastai.sites import SITE_METRICS
 from xray_fastai.evaluate import threshold_for_rule, binary_metrics
 
@@ -70,7 +72,7 @@ def test_resume_keeps_site_columns(mini_npz, shared_data, tmp_path):
     assert m['best_epoch'] == int(np.argmin(after.site_loss)) and m['monitor'] == 'site_loss'
 
 def test_site_options_checked(mini_npz, shared_data, tmp_path):
-    with pytest.raises(XrayError, match='needs a site sample'): train_config(**_kw(mini_npz, monitor='site_loss'))
+    with pytest.raises(XrayError, match='needs a site sample'): RunConfig(**_kw(mini_npz, monitor='site_loss'))
     one = tmp_path/'one'/'NORMAL'
     one.mkdir(parents=True)
     for f in sorted((shared_data/'pneumoniamnist_site_A'/'NORMAL').glob('*.png'))[:3]: (one/f.name).write_bytes(f.read_bytes())

@@ -3,7 +3,8 @@ from pathlib import Path
 import numpy as np, pandas as pd, pytest, torch
 from xray_fastai.core import load_json, XrayError
 from xray_fastai.data import GREY_IMAGENET_STATS
-from xray_fastai.learner import train, resume, train_config, _build
+from xray_fastai.config import RunConfig
+from xray_fastai.learner import train, resume, _build
 from conftest import Crash
 
 pytestmark = pytest.mark.slow
@@ -53,7 +54,7 @@ def test_run_works_from_another_directory(mini_npz, tmp_path, monkeypatch):
     assert Path(evaluate(tmp_path/'run', split='valid')['folder']) == tmp_path/'run'/'eval-valid'  # the run's own
 
 def test_run_folders_are_never_shared_nor_taken(mini_npz, tmp_path):
-    from xray_fastai.learner import new_run_dir
+    from xray_fastai.runs import new_run_dir
     made = [new_run_dir(root=tmp_path/'runs') for _ in range(3)]  # within one second: the timestamp repeats
     assert len(set(made)) == 3 and all(p.is_dir() for p in made)
     mine = tmp_path/'mine'
@@ -71,7 +72,7 @@ def test_failed_clean_up_keeps_the_real_error(mini_npz, tmp_path, monkeypatch):
     with pytest.raises(XrayError, match='does not exist'): train(out=tmp_path/'new', **{**_kw(mini_npz), 'source': str(tmp_path/'no.npz')})
 
 def test_frozen_body_is_bit_identical(mini_npz, tmp_path):
-    c = train_config(**_kw(mini_npz, arch='resnet34', frozen=True, epochs=1, lr=1e-2))
+    c = RunConfig(**_kw(mini_npz, arch='resnet34', frozen=True, epochs=1, lr=1e-2))
     learn = _build(c, tmp_path)
     before = {k: v.clone() for k, v in learn.model[0].state_dict().items()}
     learn.create_opt()
@@ -85,7 +86,7 @@ def test_frozen_body_is_bit_identical(mini_npz, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(head_before, learn.model[1].parameters()))
 
 def test_finetune_discriminative_lrs(mini_npz, tmp_path):
-    c = train_config(**_kw(mini_npz, arch='mobilenet_v2', epochs=1, lr=1e-4, lr_mult=10))
+    c = RunConfig(**_kw(mini_npz, arch='mobilenet_v2', epochs=1, lr=1e-4, lr_mult=10))
     learn = _build(c, tmp_path)
     learn.create_opt()
     learn.opt.set_hyper('lr', slice(1e-4 / 10, 1e-4))
@@ -101,7 +102,7 @@ def test_train_writes_run_folder(mini_npz, tmp_path):
     mode = lambda f: oct((run/f).stat().st_mode & 0o777)
     assert mode('model.safetensors') == mode('config.json') == mode('last.pth')  # the umask's: others can read the model
     from safetensors.torch import load_file
-    from xray_fastai.learner import load_checkpoint
+    from xray_fastai.checkpoints import load_checkpoint
     best, exported = load_checkpoint(run/'best.pth')['model'], load_file(run/'model.safetensors')
     assert best.keys() == exported.keys() and all(torch.equal(best[k], exported[k]) for k in best)  # the best model, once
     c, m = load_json(run/'config.json'), load_json(run/'metrics.json')
@@ -120,7 +121,7 @@ def test_early_stopping_stops(mini_npz, tmp_path):
     run = train(out=tmp_path/'es', keep_checkpoints=True, **_kw(mini_npz, arch='resnet34', frozen=True, epochs=6, lr=5.0, patience=1))
     n = len(pd.read_csv(run/'history.csv'))
     assert n < 6
-    from xray_fastai.learner import load_checkpoint
+    from xray_fastai.checkpoints import load_checkpoint
     assert load_checkpoint(run/'last.pth')['epoch'] == n - 1  # the stopping epoch is checkpointed too
 
 def test_same_seed_same_history(mini_npz, tmp_path):
@@ -144,8 +145,8 @@ def test_resume_matches_uninterrupted(mini_npz, tmp_path, crash_after):
 
 def test_cached_features_train_the_head_on_fixed_features(mini_npz, tmp_path):
     from xray_fastai.learner import feature_learner
-    c = train_config(**_kw(mini_npz, arch='resnet34', frozen=True, aug=False, epochs=2, lr=1e-2))
-    assert c['cached_features']
+    c = RunConfig(**_kw(mini_npz, arch='resnet34', frozen=True, aug=False, epochs=2, lr=1e-2))
+    assert c.cached_features
     learn = _build(c, tmp_path)
     body = {k: v.clone() for k, v in learn.model[0].state_dict().items()}
     flearn = feature_learner(learn)
@@ -157,11 +158,11 @@ def test_cached_features_train_the_head_on_fixed_features(mini_npz, tmp_path):
     assert all(torch.equal(body[k], v) for k, v in learn.model[0].state_dict().items())
     valid_loss, acc = flearn.recorder.values[-1][1:3]
     assert valid_loss < 0.69 and acc > 0.6  # better than chance (ln 2; balanced classes): the head learned
-    with pytest.raises(XrayError, match='--frozen and --no-aug'):
-        train_config(**_kw(mini_npz, arch='resnet34', cached_features=True))
+    with pytest.raises(XrayError, match='need `frozen` and no `aug`'):
+        RunConfig(**_kw(mini_npz, arch='resnet34', cached_features=True))
 
 def test_class_weights(mini_npz, tmp_path):
-    c = train_config(**_kw(mini_npz, arch='resnet34', frozen=True, epochs=1, class_weights=True))
+    c = RunConfig(**_kw(mini_npz, arch='resnet34', frozen=True, epochs=1, class_weights=True))
     learn = _build(c, tmp_path)
     counts = learn.dls.src.items('train').label.value_counts()
     w = learn.loss_func.func.weight
@@ -169,13 +170,13 @@ def test_class_weights(mini_npz, tmp_path):
     assert torch.allclose(w.cpu(), torch.tensor(expected, dtype=torch.float))
 
 def test_weights_from_an_earlier_run(mini_npz, tmp_path):
-    from xray_fastai.learner import load_model_dir
+    from xray_fastai.runs import load_model_dir
     first = train(out=tmp_path/'a', **_kw(mini_npz, arch='resnet34', frozen=True, epochs=1, lr=1e-2))
-    c = train_config(**_kw(mini_npz, arch='resnet34', weights=first/'model.safetensors', epochs=1))
-    assert (c['lr'], c['lr_mult']) == (1e-2, 1.0)  # --no-pretrained: not ImageNet weights, the from-scratch defaults
+    c = RunConfig(**_kw(mini_npz, arch='resnet34', weights=first/'model.safetensors', epochs=1))
+    assert (c.lr, c.lr_mult) == (1e-2, 1.0)  # --no-pretrained: not ImageNet weights, the from-scratch defaults
     # without --no-pretrained, local weights are taken for ImageNet's (the offline stand-in for the download)
-    imagenet = train_config(**{**_kw(mini_npz, arch='resnet34', epochs=1), 'pretrained': True, 'weights': first/'model.safetensors'})
-    assert (imagenet['lr'], imagenet['lr_mult']) == (2e-3, 100.0)
+    imagenet = RunConfig(**{**_kw(mini_npz, arch='resnet34', epochs=1), 'pretrained': True, 'weights': first/'model.safetensors'})
+    assert (imagenet.lr, imagenet.lr_mult) == (2e-3, 100.0)
     assert _build(imagenet, tmp_path/'c').dls.stats == GREY_IMAGENET_STATS
     learn = _build(c, tmp_path/'b')
     saved, _ = load_model_dir(first)

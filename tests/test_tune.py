@@ -127,7 +127,7 @@ def test_a_finished_lean_run_is_not_resumed(tmp_path):
 
 def test_experiment_track_mlflow(mini_npz, tmp_path, monkeypatch):
     "`experiment(track='mlflow')`: one MLflow run per run trained, with its epochs and its test evaluation."
-    from xray_fastai.report import experiment
+    from xray_fastai.experiment import experiment
     uri = f"sqlite:///{tmp_path/'mlruns.db'}"
     monkeypatch.setenv('MLFLOW_TRACKING_URI', uri)
     out = tmp_path/'exp'
@@ -142,3 +142,40 @@ def test_experiment_track_mlflow(mini_npz, tmp_path, monkeypatch):
     experiment(str(mini_npz), archs='resnet18', modes='frozen', out=out, epochs=2, track='mlflow', pretrained=False,
                aug=False, verify=False, bs=64)  # again: the finished run is reused, and not logged twice
     assert len(client.search_runs([client.get_experiment_by_name('exp').experiment_id])) == 1
+
+
+def test_ctrl_c_keeps_finished_trials_and_the_study_continues(start_cli, mini_npz, tmp_path):
+    "SIGINT in the middle of a sweep: exit 130, every finished trial kept (and reported), then the same command continues."
+    import signal, sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import wait_for
+    out = tmp_path/'sweep'
+    args = ['tune', '--data', mini_npz, '--no-verify', '--no-pretrained', '--arch', 'resnet18', '--frozen', '--no-aug',
+            '--epochs', '2', '--param', 'lr=loguniform:1e-3:1e-1', '--pruner', 'none', '--sampler-seed', '0', '--out', out]
+    p = start_cli(*args, '--n-trials', '20')
+    wait_for(out/'trial-0001', p.proc)  # trial 0 has finished, trial 1 is training
+    p.proc.send_signal(signal.SIGINT)
+    r = p.result()
+    assert r.returncode == 130, r.stderr
+    study = optuna.load_study(study_name='xray-fastai', storage=f"sqlite:///{out/'tune.db'}")
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert [t.number for t in done] == [0] and len(study.trials) == 2
+    assert pd.read_csv(out/'trials.csv').number.tolist() == [0, 1]  # the report is written on the way out
+    again = tune(['lr=loguniform:1e-3:1e-1'], n_trials=1, out=out, pruner='none', sampler_seed=1, **_fixed(mini_npz))
+    assert again['trials']['complete'] == 2 and again['best'] is not None
+
+
+def test_hyperband_prunes_from_per_epoch_reports(mini_npz, tmp_path):
+    "Hyperband end to end: every trial reports each epoch, and a poor trial in a bracket that has a good one is stopped."
+    # with 3 epochs Hyperband has 2 brackets; for the study name 'xray-fastai' trials 0 and 4 fall in bracket 0, whose
+    # first rung is after epoch 2 (step 1): trial 0 trains well, trial 4 (lr 1e-5) cannot keep up there
+    kw = dict(out=tmp_path/'hb', pruner='hyperband', **{**_fixed(mini_npz), 'epochs': 3})
+    tune(['lr=choice:0.03'], n_trials=1, **kw)
+    res = tune(['lr=1e-5', 'wd=choice:0.01'], n_trials=4, **kw)
+    study = optuna.load_study(study_name='xray-fastai', storage=f"sqlite:///{tmp_path/'hb'/'tune.db'}")
+    assert [t.state.name for t in study.trials] == ['COMPLETE'] * 4 + ['PRUNED']
+    assert res['trials'] == {**res['trials'], 'complete': 4, 'pruned': 1}
+    for t in study.trials:
+        hist = pd.read_csv(Path(t.user_attrs['run'])/'history.csv')
+        assert sorted(t.intermediate_values) == list(hist.epoch)  # one report per trained epoch
+        assert list(hist.epoch) == ([0, 1] if t.number == 4 else [0, 1, 2])

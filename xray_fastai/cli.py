@@ -6,7 +6,8 @@ Docs: https://xray-fastai.github.io/xray-fastai/cli.html.md"""
 
 # %% ../nbs/07_cli.ipynb #402ea2f5
 from __future__ import annotations
-import json, operator, os, sys, traceback, warnings
+import inspect, json, operator, os, re, sys, traceback, warnings
+from dataclasses import fields
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Optional
@@ -14,19 +15,21 @@ from typing import Annotated, Optional
 import typer
 from . import __version__
 from .core import *
+from .config import RunConfig, SETTINGS
 
 # %% auto #0
 __all__ = ['SourceArg', 'SourceOpt', 'DatasetArg', 'DataDirOpt', 'MirrorOpt', 'NoVerifyOpt', 'ValidPctOpt', 'SeedOpt', 'JsonOpt',
            'DebugOpt', 'app', 'data_app', 'ArchOpt', 'FrozenOpt', 'PretrainedOpt', 'WeightsOpt', 'BsOpt', 'SizeOpt',
            'AugOpt', 'AugParamOpt', 'LrMethodOpt', 'ClassWeightsOpt', 'WorkersOpt', 'CacheOpt', 'EpochsOpt', 'LrOpt',
            'LrMultOpt', 'FreezeEpochsOpt', 'MonitorOpt', 'PatienceOpt', 'WdOpt', 'MixupOpt', 'RecipeOpt', 'SiteOpt',
-           'PrecisionOpt', 'KeepCheckpointsOpt', 'TrackOpt', 'TrackModelOpt', 'RunDirArg', 'RunDirsArg',
-           'EvalSourceOpt', 'SplitOpt', 'TargetRecallOpt', 'TtaOpt', 'ThresholdOnOpt', 'ThresholdRuleOpt', 'AdabnOpt',
-           'PriorCorrectionOpt', 'ModelArg', 'PredictPathsArg', 'PredsOutOpt', 'GradcamOpt', 'CamClassOpt',
-           'CamLayerOpt', 'EngineOpt', 'OverwriteOpt', 'FastDecodeOpt', 'typer_factory', 'examples', 'debugging',
-           'main', 'data_download', 'format_info', 'data_info', 'data_verify', 'train_cmd', 'lr_find_cmd',
-           'evaluate_cmd', 'ensemble_cmd', 'compare_cmd', 'experiment_cmd', 'tune_cmd', 'predict_cmd', 'shift_cmd',
-           'export_cmd', 'serve_cmd']
+           'PrecisionOpt', 'KeepCheckpointsOpt', 'TrackOpt', 'TrackModelOpt', 'CheckpointEveryOpt', 'SyncBnOpt',
+           'RUN_OPTIONS', 'RunDirArg', 'RunDirsArg', 'EvalSourceOpt', 'SplitOpt', 'TargetRecallOpt', 'TtaOpt',
+           'ThresholdOnOpt', 'ThresholdRuleOpt', 'AdabnOpt', 'PriorCorrectionOpt', 'ModelArg', 'PredictPathsArg',
+           'PredsOutOpt', 'GradcamOpt', 'CamClassOpt', 'CamLayerOpt', 'EngineOpt', 'OverwriteOpt', 'FastDecodeOpt',
+           'typer_factory', 'examples', 'debugging', 'main', 'data_download', 'format_info', 'data_info', 'data_verify',
+           'flag', 'as_flags', 'run_options', 'run_settings', 'train_cmd', 'lr_find_cmd', 'evaluate_cmd',
+           'ensemble_cmd', 'compare_cmd', 'experiment_cmd', 'tune_cmd', 'predict_cmd', 'shift_cmd', 'export_cmd',
+           'serve_cmd']
 
 # %% ../nbs/07_cli.ipynb #542c9318
 def typer_factory(help:str, # what the app or group is for
@@ -87,7 +90,7 @@ def _app_options(debug:DebugOpt=False,
 def _show_warning(message, category, filename, lineno, file=None, line=None, orig=None):
     if debugging(): return orig(message, category, filename, lineno, file, line)
     if issubclass(category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning)) or not _rank0(): return
-    print(f"warning: {message}", file=file or sys.stderr)
+    print(f"warning: {as_flags(str(message)) if issubclass(category, ConfigWarning) else message}", file=file or sys.stderr)
 
 def _one_line(e): return ' '.join(str(e).splitlines())
 
@@ -103,7 +106,7 @@ def main(args:list|None=None, # command line arguments (default: `sys.argv[1:]`)
         try: app(args=args, prog_name='xray-fastai')
         except XrayError as e:
             if debugging(): traceback.print_exc()
-            elif _rank0(): print(f"error: {_one_line(e)}", file=sys.stderr)
+            elif _rank0(): print(f"error: {_one_line(as_flags(str(e)) if isinstance(e, ConfigError) else e)}", file=sys.stderr)
             sys.exit(2)
         except Preempted:  # SIGTERM: the run is saved (see `reliability`); 143 as for a process the signal killed
             if debugging(): traceback.print_exc()
@@ -246,23 +249,10 @@ def _without_option(args:list, name:str) -> list:
         elif not a.startswith(name + '='): res.append(a)
     return res
 
-# CLI options whose `train` argument has another name or form
-_TRAIN_ARGS = dict(aug_param=('aug_kwargs', _aug_kwargs), no_verify=('verify', operator.not_))
-
 def _given(ctx:typer.Context, name:str) -> bool:
     "Whether option `name` was given on the command line, rather than left at its default."
     # by name: typer may bring its own copy of click, with its own `ParameterSource` enum
     return getattr(ctx.get_parameter_source(name), 'name', 'DEFAULT') != 'DEFAULT'
-
-def _train_kwargs(ctx:typer.Context, skip:tuple=()) -> dict:
-    "`train` arguments from a command's options but `skip`; with `--recipe`, only those given (the recipe has the rest)."
-    res = {}
-    for k, v in ctx.params.items():
-        if k in skip or k == 'recipe': continue
-        if ctx.params.get('recipe') and not _given(ctx, k): continue
-        name, conv = _TRAIN_ARGS.get(k, (k, None))
-        res[name] = conv(v) if conv else v
-    return res
 
 def _number(v, p):
     try: return float(v)
@@ -284,19 +274,69 @@ KeepCheckpointsOpt = Annotated[bool, typer.Option('--keep-checkpoints',
     help="keep best.pth and last.pth (with optimizer state) once the run has finished; by default a finished run "
          "folder keeps its best model once, as model.safetensors")]
 TrackOpt = Annotated[Optional[str], typer.Option('--track', metavar='TRACKER', show_default=False,
-    help="log the run to an experiment tracker: mlflow (pip install 'xray-fastai[track]'; $MLFLOW_TRACKING_URI, "
+    help="log the run to an experiment tracker: mlflow (pip install 'xray-fastai\\[track]'; $MLFLOW_TRACKING_URI, "
          "default sqlite:///mlruns.db in the working directory)")]
 TrackModelOpt = Annotated[bool, typer.Option('--track-model', help="with --track: also upload the model (model.safetensors + model.json)")]
-_RUN_OPTS = ('keep_checkpoints', 'track', 'track_model')
+CheckpointEveryOpt = Annotated[Optional[int], typer.Option('--checkpoint-every', metavar='N', show_default=False,
+    help="also save the run (last.pth) every N batches, for long epochs; SIGTERM saves the batch it stops after")]
+SyncBnOpt = Annotated[bool, typer.Option('--sync-bn', help="distributed on GPUs: BatchNorm statistics over all processes' batches")]
 
-def _train(ctx:typer.Context, **kwargs):
-    "`train`, with the command's --keep-checkpoints, --track and --track-model."
-    p = ctx.params
-    if p.get('track'):
+# %% ../nbs/07_cli.ipynb #f383586a
+RUN_OPTIONS = dict(  # the `RunConfig` settings the command line gives, each declared once: setting -> its option
+    recipe=RecipeOpt, source=SourceOpt, arch=ArchOpt, frozen=FrozenOpt, epochs=EpochsOpt, lr=LrOpt, lr_mult=LrMultOpt,
+    lr_method=LrMethodOpt, freeze_epochs=FreezeEpochsOpt, bs=BsOpt, size=SizeOpt, aug=AugOpt, aug_kwargs=AugParamOpt,
+    mixup=MixupOpt, pretrained=PretrainedOpt, weights=WeightsOpt, monitor=MonitorOpt, site=SiteOpt, patience=PatienceOpt,
+    class_weights=ClassWeightsOpt, wd=WdOpt, cache=CacheOpt, seed=SeedOpt, data_dir=DataDirOpt, valid_pct=ValidPctOpt,
+    verify=NoVerifyOpt, num_workers=WorkersOpt, precision=PrecisionOpt, checkpoint_every=CheckpointEveryOpt,
+    sync_bn=SyncBnOpt, keep_checkpoints=KeepCheckpointsOpt)
+# settings whose option has another name, default and form: (parameter, default, setting from the option's value)
+_OTHER_FORM = dict(aug_kwargs=('aug_param', None, _aug_kwargs), verify=('no_verify', False, operator.not_))
+
+def _param(setting:str) -> str: return _OTHER_FORM.get(setting, (setting,))[0]
+
+def flag(setting:str) -> str:
+    "The command-line flag of `RunConfig` setting `setting`."
+    opt = RUN_OPTIONS.get(setting)
+    if opt is None: return f"--{setting.replace('_', '-')}"
+    o = opt.__metadata__[0]  # in `Annotated`, typer's `Option` takes the first of its names as its default
+    return next(d for d in (o.default, *o.param_decls) if str(d).startswith('--')).split('/')[0]
+
+def as_flags(msg:str) -> str:
+    "`msg` with the settings it names in backquotes (`ConfigError`, `ConfigWarning`) as their flags."
+    return re.sub(r'`(\w+)`', lambda m: flag(m[1]) if m[1] in SETTINGS else m[0], msg)
+
+def run_options(*settings:str, # the `RunConfig` settings to add as options (default: all of `RUN_OPTIONS`)
+                but:tuple=(), # settings not to add
+               ):
+    "Add `RunConfig` settings to a command as options, after its own, with `RunConfig`'s defaults; it gets them in `**kwargs`."
+    defaults = {f.name: f.default for f in fields(RunConfig)}
+    def _add(f):
+        sig = inspect.signature(f, eval_str=True)
+        own = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        names = {p.name for p in own}
+        new = [inspect.Parameter(_param(k), inspect.Parameter.KEYWORD_ONLY, annotation=RUN_OPTIONS[k],
+                                 default=_OTHER_FORM[k][1] if k in _OTHER_FORM else defaults[k])
+               for k in settings or RUN_OPTIONS if k not in but and _param(k) not in names]
+        f.__signature__ = sig.replace(parameters=own + new)
+        return f
+    return _add
+
+def run_settings(ctx:typer.Context) -> dict:
+    "The `RunConfig` settings of a command's options; with `--recipe`, only those given (the recipe has the rest)."
+    p, res = ctx.params, {}
+    for k in RUN_OPTIONS:
+        name = _param(k)
+        if name not in p or (p.get('recipe') and k != 'recipe' and not _given(ctx, name)): continue
+        res[k] = _OTHER_FORM[k][2](p[name]) if k in _OTHER_FORM else p[name]
+    return res
+
+def _train(track:str=None, track_model:bool=False, **kwargs):
+    "`train`, logged to the tracker `track` when there is one."
+    if track:
         from xray_fastai.track import train_tracked
-        return train_tracked(p['track'], p.get('track_model', False), keep_checkpoints=p.get('keep_checkpoints', False), **kwargs)
+        return train_tracked(track, track_model, **kwargs)
     from xray_fastai.learner import train
-    return train(keep_checkpoints=p.get('keep_checkpoints', False), **kwargs)
+    return train(**kwargs)
 
 # %% ../nbs/07_cli.ipynb #423b2d76
 @app.command('train', epilog=examples(
@@ -307,16 +347,8 @@ def _train(ctx:typer.Context, **kwargs):
     'train --resume runs/20261128-101500-resnet34-finetune',
     'train --recipe pneumoniamnist --site ../site_A --monitor site_roc_auc_score --patience 3   # watch a labelled site sample',
     'train --distributed 4 --arch resnet34 --epochs 5   # 4 local processes (GPUs, else CPUs); or: torchrun --nproc_per_node 4 -m xray_fastai.cli train ...'))
-def train_cmd(ctx:typer.Context, recipe:RecipeOpt=None, source:SourceOpt='pneumoniamnist', arch:ArchOpt='resnet34',
-              frozen:FrozenOpt=False, epochs:EpochsOpt=5, lr:LrOpt=None, lr_mult:LrMultOpt=None,
-              lr_method:LrMethodOpt='valley', freeze_epochs:FreezeEpochsOpt=0, bs:BsOpt=64, size:SizeOpt=None,
-              aug:AugOpt=True, aug_param:AugParamOpt=None, mixup:MixupOpt=0.0, pretrained:PretrainedOpt=True,
-              weights:WeightsOpt=None, monitor:MonitorOpt='valid_loss', site:SiteOpt=None, patience:PatienceOpt=None,
-              class_weights:ClassWeightsOpt=False, wd:WdOpt=None, cache:CacheOpt=False, seed:SeedOpt=42,
-              data_dir:DataDirOpt=None, valid_pct:ValidPctOpt=0.2, no_verify:NoVerifyOpt=False,
-              num_workers:WorkersOpt=None, precision:PrecisionOpt='auto',
-              checkpoint_every:Annotated[Optional[int], typer.Option('--checkpoint-every', metavar='N', show_default=False,
-                  help="also save the run (last.pth) every N batches, for long epochs; SIGTERM saves the batch it stops after")]=None,
+@run_options()
+def train_cmd(ctx:typer.Context,
               out:Annotated[Optional[Path], typer.Option('--out', '-o', show_default=False,
                   help=r"run folder (new or empty) \[default: runs/<timestamp>-<arch>-<mode>]")]=None,
               resume:Annotated[Optional[Path], typer.Option('--resume', metavar='RUN_DIR', show_default=False,
@@ -324,8 +356,7 @@ def train_cmd(ctx:typer.Context, recipe:RecipeOpt=None, source:SourceOpt='pneumo
               distributed:Annotated[int, typer.Option('--distributed', metavar='N',
                   help="start N local processes (one per GPU, else CPU processes) training together with DDP; "
                        "not needed under torchrun or accelerate launch (pip install accelerate)")]=1,
-              sync_bn:Annotated[bool, typer.Option('--sync-bn', help="distributed on GPUs: BatchNorm statistics over all processes' batches")]=False,
-              keep_checkpoints:KeepCheckpointsOpt=False, track:TrackOpt=None, track_model:TrackModelOpt=False):
+              track:TrackOpt=None, track_model:TrackModelOpt=False, **settings):
     "Train a backbone as a fixed feature extractor (--frozen) or fine-tuned, and write a run folder."
     check(distributed >= 1, f"--distributed must be at least 1, got {distributed}")
     if distributed > 1 and 'WORLD_SIZE' not in os.environ:  # not yet under a launcher: be one
@@ -336,29 +367,25 @@ def train_cmd(ctx:typer.Context, recipe:RecipeOpt=None, source:SourceOpt='pneumo
         given = [f"--{k.replace('_', '-')}" for k in ctx.params if k not in ('resume', 'distributed', 'data_dir') and _given(ctx, k)]
         check(not given, f"--resume continues a run with its own settings: drop {', '.join(given)} "
               "(only --data-dir and --distributed go with it)")
-        path = learner.resume(resume, data_dir=data_dir)
-    else: path = _train(ctx, out=out, sync_bn=sync_bn, recipe=recipe,
-                        **_train_kwargs(ctx, skip=('out', 'resume', 'distributed', 'sync_bn', *_RUN_OPTS)))
+        path = learner.resume(resume, data_dir=settings['data_dir'])
+    else: path = _train(track, track_model, out=out, **run_settings(ctx))
     if not _rank0(): return
     m = learner.load_json(path/'metrics.json')
     typer.echo(f"{path}  best epoch {m['best_epoch'] + 1}/{m['epochs']}: " +
                '  '.join(f"{k} {v:.4f}" for k, v in m['best'].items()))
 
 # %% ../nbs/07_cli.ipynb #49536aed
-@app.command('lr-find', epilog=examples('lr-find --arch resnet34 --no-pretrained', 'lr-find -s ../chest_xray --frozen --plot lr.png'))
-def lr_find_cmd(source:SourceOpt='pneumoniamnist', arch:ArchOpt='resnet34', frozen:FrozenOpt=False, bs:BsOpt=64,
-                size:SizeOpt=None, aug:AugOpt=True, pretrained:PretrainedOpt=True, weights:WeightsOpt=None,
-                class_weights:ClassWeightsOpt=False, seed:SeedOpt=42, data_dir:DataDirOpt=None,
-                valid_pct:ValidPctOpt=0.2, no_verify:NoVerifyOpt=False, num_workers:WorkersOpt=None,
-                precision:PrecisionOpt='auto',
-                plot:Annotated[Path, typer.Option('--plot', help="where to save the loss-vs-lr plot (PNG)")]=Path('lr_find.png')):
+@app.command('lr-find', epilog=examples('lr-find --arch resnet34 --no-pretrained', 'lr-find -s ../chest_xray --frozen --plot lr.png',
+                                        'lr-find --recipe pneumoniamnist'))
+@run_options('recipe', 'source', 'arch', 'frozen', 'bs', 'size', 'aug', 'aug_kwargs', 'pretrained', 'weights',
+             'class_weights', 'wd', 'seed', 'data_dir', 'valid_pct', 'verify', 'num_workers', 'cache', 'precision')
+def lr_find_cmd(ctx:typer.Context,
+                plot:Annotated[Path, typer.Option('--plot', help="where to save the loss-vs-lr plot (PNG)")]=Path('lr_find.png'),
+                **settings):
     "Run fastai's lr_find and print every suggestion (valley, slide, minimum, steep)."
     from xray_fastai import learner
     check(not plot.exists(), f"{plot} already exists: choose another --plot")
-    res = learner.lr_find_only(source=source, arch=arch, frozen=frozen, bs=bs, size=size, aug=aug, pretrained=pretrained,
-                               weights=weights, class_weights=class_weights, seed=seed, data_dir=data_dir,
-                               valid_pct=valid_pct, verify=not no_verify, num_workers=num_workers, plot=plot,
-                               precision=precision)
+    res = learner.lr_find_only(plot=plot, **run_settings(ctx))
     for k, v in res.items(): typer.echo(f"{k:<8} {v:.2e}")
     typer.echo(f"plot: {plot}", err=True)
 
@@ -420,22 +447,26 @@ def evaluate_cmd(run_dir:RunDirArg, source:EvalSourceOpt=None, split:SplitOpt='t
 # %% ../nbs/07_cli.ipynb #44dd6fbd
 @app.command('ensemble', no_args_is_help=True, epilog=examples(
     'ensemble runs/resnet34-seed1 runs/resnet34-seed2 runs/resnet34-seed3 --out runs/ensemble',
-    'ensemble runs/a runs/b --tta --split valid --out ens-valid --json'))
+    'ensemble runs/a runs/b --tta --split valid --out ens-valid --json',
+    'ensemble runs/a runs/b runs/c --source ../site_B --adabn same --out ens-site   # BatchNorm statistics of the site, no labels'))
 def ensemble_cmd(run_dirs:Annotated[list[Path], typer.Argument(metavar='RUN_DIR...', show_default=False,
                      help="two or more run folders written by `xray-fastai train`, validated on the same split")],
                  out:Annotated[Path, typer.Option('--out', '-o', metavar='DIR', show_default=False,
                      help="folder for the results: a new one, or an earlier ensemble's (replaced)")],
                  source:EvalSourceOpt=None, split:SplitOpt='test', target_recall:TargetRecallOpt=0.95, tta:TtaOpt=False,
                  data_dir:DataDirOpt=None, as_json:JsonOpt=False, threshold_on:ThresholdOnOpt=None,
-                 threshold_rule:ThresholdRuleOpt='recall'):
+                 threshold_rule:ThresholdRuleOpt='recall', adabn:AdabnOpt=None, prior_correction:PriorCorrectionOpt=False):
     """Evaluate runs together: the mean of their probabilities, at threshold 0.5 and at a threshold chosen on validation.
 
     Writes DIR/: metrics.json, preds.csv (with every member's probability), confusion matrices, the ROC curves of the
     members and the ensemble, and the classification report."""
     from xray_fastai.evaluate import ensemble, format_eval
     m = ensemble(run_dirs, out, source=source, split=split, target_recall=target_recall, tta=tta, data_dir=data_dir,
-                 threshold_on=threshold_on, threshold_rule=threshold_rule)
+                 threshold_on=threshold_on, threshold_rule=threshold_rule, adabn=adabn, prior_correction=prior_correction)
     typer.echo(json.dumps(m, indent=2) if as_json else format_eval(m))
+    if not as_json and ('adabn' in m or 'prior_correction' in m):
+        from xray_fastai.shift import format_adaptation
+        typer.echo(format_adaptation(m))
     typer.echo(f"written: {out}", err=True)
 
 # %% ../nbs/07_cli.ipynb #48c91a2e
@@ -457,29 +488,23 @@ def compare_cmd(run_dirs:RunDirsArg,
     'experiment --no-pretrained --epochs 2 --out exp-mnist',
     'experiment -s ../chest_xray --archs resnet34,mobilenet_v2 --modes frozen,finetune --epochs 5 --out exp-kermany',
     'experiment --archs resnet34 --modes frozen --no-aug --epochs 10 --out exp-frozen   # cached features: fast'))
-def experiment_cmd(ctx:typer.Context, source:SourceOpt='pneumoniamnist',
+@run_options(but=('recipe', 'arch', 'frozen', 'sync_bn'))
+def experiment_cmd(ctx:typer.Context,
                    archs:Annotated[str, typer.Option('--archs', help="backbones, separated by commas")]='resnet34,mobilenet_v2',
                    modes:Annotated[str, typer.Option('--modes', help="frozen and/or finetune, separated by commas")]='frozen,finetune',
-                   epochs:EpochsOpt=5,
                    out:Annotated[Path, typer.Option('--out', '-o', metavar='DIR',
                        help="folder for the runs (ARCH-MODE/) and report.md; run again to reuse finished runs and resume interrupted ones")]=Path('experiment'),
-                   lr:LrOpt=None, lr_mult:LrMultOpt=None, lr_method:LrMethodOpt='valley', freeze_epochs:FreezeEpochsOpt=0,
-                   bs:BsOpt=64, size:SizeOpt=None, aug:AugOpt=True, aug_param:AugParamOpt=None, mixup:MixupOpt=0.0,
-                   pretrained:PretrainedOpt=True,
-                   monitor:MonitorOpt='valid_loss', patience:PatienceOpt=None, class_weights:ClassWeightsOpt=False, wd:WdOpt=None,
-                   cache:CacheOpt=False,
-                   seed:SeedOpt=42, data_dir:DataDirOpt=None, valid_pct:ValidPctOpt=0.2, no_verify:NoVerifyOpt=False,
-                   num_workers:WorkersOpt=None, precision:PrecisionOpt='auto',
                    split:Annotated[str, typer.Option('--split', help="evaluate every run on this split")]='test',
                    target_recall:TargetRecallOpt=0.95, as_json:JsonOpt=False,
-                   track:TrackOpt=None, track_model:TrackModelOpt=False):
+                   track:TrackOpt=None, track_model:TrackModelOpt=False, **settings):
     """Train every backbone in every mode, evaluate each run and compare them in DIR/report.md.
 
     The runs go to DIR/ARCH-MODE/. Every option is checked before the first run starts. Running the same command
     again reuses finished runs and resumes interrupted ones; a run folder holding other settings is an error."""
-    from xray_fastai.report import experiment, format_compare
-    res = experiment(source, archs, modes, out=out, epochs=epochs, split=split, target_recall=target_recall,
-                     **_train_kwargs(ctx, skip=('source', 'archs', 'modes', 'out', 'epochs', 'split', 'target_recall', 'as_json')))
+    from xray_fastai.experiment import experiment
+    from xray_fastai.report import format_compare
+    res = experiment(archs=archs, modes=modes, out=out, split=split, target_recall=target_recall, track=track,
+                     track_model=track_model, **run_settings(ctx))
     typer.echo(json.dumps({k: res[k] for k in ('split', 'rows', 'findings', 'files')}, indent=2) if as_json
                else format_compare(res))
 
@@ -488,7 +513,8 @@ def experiment_cmd(ctx:typer.Context, source:SourceOpt='pneumoniamnist',
     'tune --arch resnet18 --no-pretrained --epochs 3 --param lr=loguniform:1e-4:1e-1 --param bs=choice:64,128 --n-trials 20 --out tune-mnist',
     'tune --space space.toml --monitor roc_auc_score --pruner hyperband --out tune-auc   # again: continues the study',
     'tune --space space.toml --storage sqlite:////shared/tune.db --study auc   # one study, several processes or machines'))
-def tune_cmd(ctx:typer.Context, source:SourceOpt='pneumoniamnist',
+@run_options(but=('recipe', 'sync_bn'))
+def tune_cmd(ctx:typer.Context,
              param:Annotated[Optional[list[str]], typer.Option('--param', '-p', metavar='NAME=DIST', show_default=False,
                  help="a setting to search: lr=loguniform:1e-4:1e-1, wd=uniform:0:0.1, epochs=int:1:5, "
                       "arch=choice:resnet18,mobilenet_v2, aug.max_rotate=uniform:0:15; a plain value is fixed; repeatable")]=None,
@@ -498,7 +524,8 @@ def tune_cmd(ctx:typer.Context, source:SourceOpt='pneumoniamnist',
              timeout:Annotated[Optional[float], typer.Option('--timeout', metavar='SECONDS', show_default=False,
                  help="start no trial after this many seconds")]=None,
              monitor:Annotated[str, typer.Option('--monitor',
-                 help="the objective, on validation: valid_loss (minimised), accuracy, f1_score, roc_auc_score... (maximised)")]='valid_loss',
+                 help="the objective, as each trial's best epoch has it: valid_loss (minimised), accuracy, f1_score, roc_auc_score... "
+                      "(maximised); with --site, site_roc_auc_score and the other site_* values of the site sample")]='valid_loss',
              pruner:Annotated[str, typer.Option('--pruner', help="stop unpromising trials early: median, hyperband or none")]='median',
              out:Annotated[Path, typer.Option('--out', '-o', metavar='DIR',
                  help="folder for the trials (trial-NNNN/) and trials.csv, history.png, importance.png, best_command.txt")]=Path('tune'),
@@ -507,25 +534,17 @@ def tune_cmd(ctx:typer.Context, source:SourceOpt='pneumoniamnist',
              study:Annotated[str, typer.Option('--study', help="study name in the storage: the same command again continues it")]='xray-fastai',
              sampler_seed:Annotated[Optional[int], typer.Option('--sampler-seed', show_default=False,
                  help="seed of the TPE sampler (give each process of a shared study its own)")]=None,
-             arch:ArchOpt='resnet34', frozen:FrozenOpt=False, epochs:EpochsOpt=5, lr:LrOpt=None, lr_mult:LrMultOpt=None,
-             freeze_epochs:FreezeEpochsOpt=0, bs:BsOpt=64, size:SizeOpt=None, aug:AugOpt=True, aug_param:AugParamOpt=None,
-             mixup:MixupOpt=0.0, pretrained:PretrainedOpt=True, patience:PatienceOpt=None,
-             class_weights:ClassWeightsOpt=False, wd:WdOpt=None, cache:CacheOpt=False, seed:SeedOpt=42,
-             data_dir:DataDirOpt=None, valid_pct:ValidPctOpt=0.2, no_verify:NoVerifyOpt=False, num_workers:WorkersOpt=None,
-             keep_checkpoints:KeepCheckpointsOpt=False, track:TrackOpt=None, track_model:TrackModelOpt=False,
-             as_json:JsonOpt=False):
+             track:TrackOpt=None, track_model:TrackModelOpt=False, as_json:JsonOpt=False, **settings):
     """Search training settings with Optuna: every trial a run folder, pruned early when it falls behind.
 
     Prints the best trial and its `xray-fastai train` command (also in DIR/best_command.txt). Running the same
     command again adds --n-trials trials to the study; Ctrl-C keeps every finished trial."""
     from xray_fastai.tune import tune
-    own = ('param', 'space', 'n_trials', 'timeout', 'monitor', 'pruner', 'out', 'storage', 'study', 'sampler_seed',
-           'keep_checkpoints', 'track', 'track_model', 'as_json')
-    unset = tuple(k for k in ctx.params if not _given(ctx, k) and k not in ('source', 'arch', 'epochs', 'seed'))
-    fixed = _train_kwargs(ctx, skip=own + unset)  # the settings given, by their `train` names (--no-verify: verify=False)
+    # the settings given (and what a trial's command needs to reproduce it), by their `RunConfig` names
+    fixed = {k: v for k, v in run_settings(ctx).items() if _given(ctx, _param(k)) or k in ('source', 'arch', 'epochs', 'seed')}
+    keep = fixed.pop('keep_checkpoints', False)
     res = tune(param, space, n_trials=n_trials, timeout=timeout, out=out, study=study, storage=storage, monitor=monitor,
-               pruner=pruner, sampler_seed=sampler_seed, keep_checkpoints=keep_checkpoints, track=track,
-               track_model=track_model, **fixed)
+               pruner=pruner, sampler_seed=sampler_seed, keep_checkpoints=keep, track=track, track_model=track_model, **fixed)
     if as_json: return typer.echo(json.dumps(res, indent=2))
     t = res['trials']
     typer.echo(f"study {res['study']}: {t['complete']} complete, {t['pruned']} pruned, {t['fail']} failed trial(s)")

@@ -12,9 +12,10 @@ from pathlib import Path
 from fastcore.imports import IN_NOTEBOOK
 
 # %% auto #0
-__all__ = ['STALE_TMP_SECONDS', 'NO_SPACE', 'READ_ONLY', 'XrayError', 'Preempted', 'DamagedFileError', 'check', 'check_out_dir',
-           'remove_stale_tmp', 'no_space_error', 'caused_by', 'read_only_error', 'atomic_path', 'atomic_write_text',
-           'save_json', 'load_json', 'data_dir', 'example_data', 'pyplot', 'save_fig', 'md5sum']
+__all__ = ['STALE_TMP_SECONDS', 'NO_SPACE', 'READ_ONLY', 'XrayError', 'Preempted', 'DamagedFileError', 'ConfigError',
+           'ConfigWarning', 'check', 'check_setting', 'check_out_dir', 'remove_stale_tmp', 'no_space_error',
+           'caused_by', 'read_only_error', 'atomic_path', 'atomic_write_text', 'save_json', 'load_json', 'data_dir',
+           'example_data', 'pyplot', 'save_fig', 'md5sum']
 
 # %% ../nbs/00_core.ipynb #0cf8ce33
 class XrayError(Exception):
@@ -26,10 +27,20 @@ class Preempted(BaseException):
 class DamagedFileError(XrayError, ValueError):
     "A file of ours that is truncated or garbled (a `ValueError` too, as the parse errors it replaces)."
 
+class ConfigError(XrayError):
+    "A setting that is wrong, alone or with another: the message names settings as `name`, the CLI shows their flags."
+
+class ConfigWarning(UserWarning):
+    "Settings that run, but likely not as meant; named as in `ConfigError`."
+
 # %% ../nbs/00_core.ipynb #9d34f261
 def check(cond, msg:str):
     "Raise `XrayError(msg)` unless `cond`."
     if not cond: raise XrayError(msg)
+
+def check_setting(cond, msg:str):
+    "Raise `ConfigError(msg)` unless `cond`; `msg` names settings in backquotes, e.g. `` `epochs` must be positive ``."
+    if not cond: raise ConfigError(msg)
 
 def check_out_dir(out, # a folder about to be written into
                   what:str='folder', # what it is, for the message

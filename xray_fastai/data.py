@@ -14,7 +14,7 @@ import numpy as np, pandas as pd, torch
 from PIL import Image, ImageOps
 from fastcore.all import *
 from fastai.vision.all import (DataBlock, ImageBlock, CategoryBlock, ColReader, ColSplitter, Resize, ResizeMethod,
-                               Normalize, aug_transforms, PILImageBW, DataLoaders, set_seed, defaults)
+                               Normalize, aug_transforms, PILImageBW, DataLoaders, set_seed, defaults, get_files)
 from .core import *
 
 # %% auto #0
@@ -187,8 +187,6 @@ def patient_id(fname:str) -> str|None:
 # %% ../nbs/01_data.ipynb #8be6a295
 _split_names = {'train': 'train', 'val': 'valid', 'valid': 'valid', 'validation': 'valid', 'test': 'test'}
 
-def _is_image(p:Path): return p.suffix.lower() in IMAGE_EXTS and not p.name.startswith('.')
-
 def _class_dirs(root:Path) -> L:
     return L(sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith('.')))
 
@@ -198,8 +196,7 @@ def _scan_classes(root:Path, split:str) -> list:
     check(dirs, f"no class folders in {root}: expected {root}/<CLASS>/<image files>")
     rows = []
     for d in dirs:
-        files = sorted(f for f in d.rglob('*') if f.is_file() and _is_image(f)
-                       and not any(p.startswith('.') for p in f.relative_to(d).parts))  # .thumbnails/ too
+        files = sorted(get_files(d, extensions=IMAGE_EXTS, recurse=True))  # fastai's: hidden files and folders skipped
         check(files, f"class folder {d} holds no images ({', '.join(sorted(IMAGE_EXTS))})")
         rows += [dict(item=str(f), label=d.name, orig_split=split) for f in files]
     return rows

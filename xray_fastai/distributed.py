@@ -18,12 +18,12 @@ from fastai.callback.core import Callback
 from fastai.data.core import TfmdDL
 from fastai.data.load import _FakeLoader
 from fastai.learner import TrainEvalCallback
-from fastai.torch_core import rank_distrib, num_distrib, to_detach, noop
+from fastai.torch_core import rank_distrib, num_distrib, to_detach, noop, distrib_barrier
 from .core import *
 
 # %% auto #0
-__all__ = ['is_distributed', 'setup_distributed', 'barrier', 'rank0_first', 'on_rank0', 'ShardedDL', 'gather_shards',
-           'DDPCallback', 'check_sync_bn', 'distributed_cbs', 'model_checksum', 'write_rank_checksum', 'launch_local']
+__all__ = ['is_distributed', 'setup_distributed', 'rank0_first', 'on_rank0', 'ShardedDL', 'gather_shards', 'DDPCallback',
+           'check_sync_bn', 'distributed_cbs', 'model_checksum', 'write_rank_checksum', 'launch_local']
 
 # %% ../nbs/02a_distributed.ipynb #b11fab0c
 def is_distributed() -> bool:
@@ -40,10 +40,6 @@ def setup_distributed(timeout_min:int=60, # collective timeout: rank 0 may downl
     atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     return True
 
-def barrier():
-    "Wait for every rank (no-op unless distributed)."
-    if is_distributed() and dist.is_initialized(): dist.barrier()
-
 def _comm_device():
     "Where tensors must be for collectives: the current GPU with NCCL, else the CPU."
     return torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else torch.device('cpu')
@@ -54,8 +50,8 @@ def rank0_first(func, *args, **kwargs):
     if not is_distributed(): return func(*args, **kwargs)
     if rank_distrib() == 0:
         try: return func(*args, **kwargs)
-        finally: barrier()  # on failure too: the others then meet the same problem and fail with it
-    barrier()
+        finally: distrib_barrier()  # on failure too: the others then meet the same problem and fail with it
+    distrib_barrier()
     return func(*args, **kwargs)
 
 def _broadcast_text(text:str|None) -> str:
@@ -165,7 +161,7 @@ class DDPCallback(Callback):
     def after_fit(self):
         self.learn.model, self.shards = self.ddp.module, {}
         del self.ddp
-        barrier()  # rank 0 has written its files (best.pth) before any rank reads them
+        distrib_barrier()  # rank 0 has written its files (best.pth) before any rank reads them
 
 # %% ../nbs/02a_distributed.ipynb #49358e01
 def check_sync_bn(sync_bn:bool):

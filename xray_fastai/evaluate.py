@@ -15,7 +15,9 @@ from fastai.vision.all import ClassificationInterpretation, Learner, TensorCateg
 from .core import *
 from .data import *
 from .data import _split_names
-from .learner import xray_learner, load_exported, check_unchanged_source, _mode
+from .config import RunConfig, run_mode
+from .runs import load_exported, check_unchanged_source
+from .learner import xray_learner
 
 # %% auto #0
 __all__ = ['THRESHOLD_RULES', 'SITE_THRESHOLD', 'binary_metrics', 'threshold_for_recall', 'threshold_for_rule', 'eval_learner',
@@ -82,16 +84,17 @@ def threshold_for_rule(probs, # positive-class probability per case
     return float(cand[np.argmax(score)])
 
 # %% ../nbs/04_evaluate.ipynb #bc6921ee
-def _run_config(run_dir:Path) -> dict:
+def _run_config(run_dir:Path) -> RunConfig:
+    "The config of the finished run in `run_dir`."
     check((run_dir/'config.json').is_file(), f"{run_dir} is not a run folder (no config.json)")
     check((run_dir/'model.safetensors').is_file(),
           f"{run_dir} has no model.safetensors: the run did not finish (resume it, then evaluate)")
-    return load_json(run_dir/'config.json')
+    return RunConfig.load(run_dir)
 
-def _run_source(c:dict, data_dir=None) -> XraySource:
+def _run_source(c:RunConfig, data_dir=None) -> XraySource:
     "The run's source, with the validation split the run used."
-    return load_source(c['source'], data_dir=data_dir or c.get('data_dir'), verify=c.get('verify', True),
-                       valid_pct=c['valid_pct'], seed=c['seed'])
+    return load_source(c.source, data_dir=data_dir or c.data_dir, verify=c.verify,
+                       valid_pct=c.valid_pct, seed=c.seed)
 
 # %% ../nbs/04_evaluate.ipynb #eaa90e76
 def eval_learner(run_dir, # a run folder written by `train`
@@ -103,12 +106,12 @@ def eval_learner(run_dir, # a run folder written by `train`
     run_dir = Path(run_dir)
     c = _run_config(run_dir)
     src = src or _run_source(c, data_dir=data_dir)
-    check(src.classes == c['classes'], f"{src.name} has classes {src.classes}; the run was trained on {c['classes']}")
-    dls = xray_dataloaders(src, size=c['size'], bs=c['bs'], aug=c['aug'], presize=c['presize'], stats=c['stats'],
-                           num_workers=c['num_workers'], seed=c['seed'], cache=c.get('cache', False),
-                           **(c.get('aug_kwargs') or {}))
-    learn = xray_learner(dls, c['arch'], pretrained=False, path=run_dir, precision=precision)
-    load_exported(learn.model, run_dir/'model.safetensors', c['arch'])
+    check(src.classes == c.classes, f"{src.name} has classes {src.classes}; the run was trained on {c.classes}")
+    dls = xray_dataloaders(src, size=c.size, bs=c.bs, aug=c.aug, presize=c.presize, stats=c.stats,
+                           num_workers=c.num_workers, seed=c.seed, cache=c.cache,
+                           **(c.aug_kwargs or {}))
+    learn = xray_learner(dls, c.arch, pretrained=False, path=run_dir, precision=precision)
+    load_exported(learn.model, run_dir/'model.safetensors', c.arch)
     # `evaluate` computes its own metrics; fastai's would run (and warn on tiny batches) in every `get_preds`
     learn.metrics = []
     learn.config = c
@@ -123,11 +126,11 @@ def predict_dl(learn:Learner, # from `eval_learner`
     "Class probabilities and target indices for every item of `dl`, in order."
     if not tta: return learn.get_preds(dl=dl)
     c = learn.config
-    if c['aug']: return learn.tta(dl=dl, n=n)
-    aug = {**XRAY_AUG, **(c.get('aug_kwargs') or {})}
+    if c.aug: return learn.tta(dl=dl, n=n)
+    aug = {**XRAY_AUG, **(c.aug_kwargs or {})}
     # `tta` replaces both pipelines when given one: pass the item pipeline on unchanged
     return learn.tta(dl=dl, n=n, item_tfms=list(dl.after_item.fs),
-                     batch_tfms=[*dl.after_batch.fs, *aug_transforms(size=c['size'], **aug)])
+                     batch_tfms=[*dl.after_batch.fs, *aug_transforms(size=c.size, **aug)])
 
 # %% ../nbs/04_evaluate.ipynb #5495c537
 def decide(preds:torch.Tensor, # (n, classes) probabilities
@@ -226,9 +229,9 @@ def _split_name(split:str) -> str:
     check(split in _split_names, f"unknown split {split!r}: use train, valid or test")
     return _split_names[split]
 
-def _external_source(c:dict, source, split:str, data_dir=None) -> XraySource:
+def _external_source(c:RunConfig, source, split:str, data_dir=None) -> XraySource:
     "Another source to evaluate on: its `split` (all of it, if it has no splits) as the validation split."
-    src = load_source(source, data_dir=data_dir, verify=c.get('verify', True), for_training=False)
+    src = load_source(source, data_dir=data_dir, verify=c.verify, for_training=False)
     unsplit = set(src.df.split) == {'train'}  # a folder of class folders, or a CSV without a split column
     rows = src.df if unsplit and not len(src.items(split)) else src.items(split)
     check(len(rows), f"{src.name} has no {split} split: evaluate on another --split")
@@ -236,13 +239,13 @@ def _external_source(c:dict, source, split:str, data_dir=None) -> XraySource:
     df = pd.concat([rows.assign(split='train'), rows.assign(split='valid')], ignore_index=True)
     return XraySource(src.name, df, src.images, src.skipped, f"{src.name}: {len(rows)} images")
 
-def _checked_source(c:dict, split:str, target_recall:float, source=None, data_dir=None) -> tuple:
+def _checked_source(c:RunConfig, split:str, target_recall:float, source=None, data_dir=None) -> tuple:
     "The run's own source (its validation split picks the threshold) and another `source` to evaluate, or None."
     check(0 < target_recall <= 1, f"--target-recall must be in (0, 1], got {target_recall}")
-    other = source is not None and source_id(source) != source_id(c['source'])
+    other = source is not None and source_id(source) != source_id(c.source)
     try: own = _run_source(c, data_dir=None if other else data_dir)
     except XrayError as e: raise XrayError(f"{e} (the run's own data: its validation split picks the threshold)") from None
-    if 'counts' in c: check_unchanged_source(c, own)
+    if c.counts is not None: check_unchanged_source(c, own)
     if other: return own, _external_source(c, source, split, data_dir)
     check(len(own.items(split)), f"{own.name} has no {split} split: evaluate on another --split, "
           f"or give a --source that has one")
@@ -263,15 +266,15 @@ def _run_preds(run_dir:Path, srcs:tuple, split:str, tta:bool, adabn=None, precis
     done = other is None and split == 'valid' and adabn is None  # the validation split's predictions, made above
     return learn, dl, valid, (valid if done else predict_dl(learn, dl, tta))
 
-def _eval_result(c:dict, name:str, arch:str, mode:str, source, split:str, tta:bool, target_recall:float,
+def _eval_result(c:RunConfig, name:str, arch:str, mode:str, source, split:str, tta:bool, target_recall:float,
                  valid:tuple, preds:tuple, site:dict=None) -> tuple:
     "The metrics dict of probabilities `preds` on `split`, and the threshold chosen for `target_recall` on `valid` (or `site`'s)."
-    pos = c['classes'].index(c['positive'])
+    pos = c.classes.index(c.positive)
     (vp, vt), (pr, tg) = valid, preds
     thr = site['value'] if site else threshold_for_recall(vp[:, pos], vt == pos, target_recall)
     p, t = pr[:, pos], tg == pos
-    return dict(run=name, arch=arch, mode=mode, source=str(source or c['source']), split=split, n=len(t), tta=tta,
-                classes=c['classes'], positive=c['positive'], target_recall=target_recall,
+    return dict(run=name, arch=arch, mode=mode, source=str(source or c.source), split=split, n=len(t), tta=tta,
+                classes=c.classes, positive=c.positive, target_recall=target_recall,
                 valid=binary_metrics(vp[:, pos], vt == pos, 0.5),  # predicted anyway, for the threshold
                 default=binary_metrics(p, t, 0.5),
                 chosen=dict(binary_metrics(p, t, thr), valid_recall=binary_metrics(vp[:, pos], vt == pos, thr)['recall']),
@@ -279,13 +282,13 @@ def _eval_result(c:dict, name:str, arch:str, mode:str, source, split:str, tta:bo
 
 SITE_THRESHOLD = 'site_threshold.json'  # in a run folder: the latest threshold `evaluate --threshold-on` chose
 
-def _site_threshold(runs:list, c:dict, source, rule:str, target_recall:float, tta:bool, data_dir=None,
+def _site_threshold(runs:list, c:RunConfig, source, rule:str, target_recall:float, tta:bool, data_dir=None,
                     precision:str='auto') -> dict:
     "The threshold `rule` chooses on the labelled site sample `source` for the (mean) probabilities of `runs`, and the site's metrics there."
     check(rule in THRESHOLD_RULES, f"unknown --threshold-rule {rule!r}: use {', '.join(THRESHOLD_RULES)}")
     src = _external_source(c, source, 'test', data_dir)  # a folder of class folders is used whole
     pairs = [predict_dl(learn, learn.dls.valid, tta) for learn in (eval_learner(r, src, precision=precision) for r in runs)]
-    pos = c['classes'].index(c['positive'])
+    pos = c.classes.index(c.positive)
     p, t = torch.stack([o for o, _ in pairs]).mean(0)[:, pos], pairs[0][1] == pos
     thr = threshold_for_rule(p, t, rule, target_recall)
     return dict(source=source_id(source), rule=rule, target_recall=target_recall if rule == 'recall' else None,
@@ -343,13 +346,13 @@ def evaluate(run_dir, # a run folder written by `train`
     if prior_correction:
         from xray_fastai.shift import correct_prior
         preds, pc = correct_prior(preds, c)
-    mode = _mode(c['frozen'])
-    res, thr = _eval_result(c, run_dir.name, c['arch'], mode, source, split, tta, target_recall, valid, preds, site)
+    mode = run_mode(c.frozen)
+    res, thr = _eval_result(c, run_dir.name, c.arch, mode, source, split, tta, target_recall, valid, preds, site)
     res.update(learn.precision_info)
     if adabn is not None: res['adabn'] = learn.adabn
     if prior_correction: res['prior_correction'] = pc
-    pos = c['classes'].index(c['positive'])
-    curves = {f"{c['arch']} {mode}": (preds[0][:, pos], preds[1] == pos)}
+    pos = c.classes.index(c.positive)
+    curves = {f"{c.arch} {mode}": (preds[0][:, pos], preds[1] == pos)}
     out = eval_dir(run_dir, split, tta, source if srcs[1] is not None else None)
     if adabn is not None or prior_correction:  # beside the plain evaluation, never over it
         from xray_fastai.shift import adapted_name
@@ -368,6 +371,8 @@ def ensemble(run_dirs:list, # run folders written by `train`, validated on the s
              data_dir=None, # dataset cache folder, for a named source
              threshold_on=None, # a labelled site sample: choose the threshold there (by `threshold_rule`), not on validation
              threshold_rule:str='recall', # with `threshold_on`: `recall` (`target_recall`), `youden` or `balanced`
+             adabn=None, # every member's BatchNorm statistics re-estimated on these unlabelled images ('same': the evaluated ones)
+             prior_correction:bool=False, # correct the mean probabilities for the evaluated images' class prior (EM)
             ) -> dict:
     "Evaluate the mean probabilities of the runs in `run_dirs` on `split`, like `evaluate` does one run."
     t0, runs, out, split = time.perf_counter(), [Path(r) for r in run_dirs], Path(out), _split_name(split)
@@ -379,22 +384,27 @@ def ensemble(run_dirs:list, # run folders written by `train`, validated on the s
     cs = [_run_config(r) for r in runs]
     c = cs[0]
     for r, o in zip(runs[1:], cs[1:]):
-        check(o['classes'] == c['classes'], f"{r} was trained on classes {o['classes']}, {runs[0]} on {c['classes']}")
+        check(o.classes == c.classes, f"{r} was trained on classes {o.classes}, {runs[0]} on {c.classes}")
         # the images per split identify the data (a name, its :28 size and its cached path are the same data)
-        check(o.get('counts') == c.get('counts'), f"{r} was trained on {o['source']}, {runs[0]} on {c['source']}, with "
+        check(o.counts == c.counts, f"{r} was trained on {o.source}, {runs[0]} on {c.source}, with "
               "other images per split: an ensemble's members are trained on the same data")
-        check(o['valid_origin'] == c['valid_origin'], f"{r} was validated on {o['valid_origin']}, {runs[0]} on "
-              f"{c['valid_origin']}: ensemble runs validated on the same split (for a carved one, the same --seed)")
+        check(o.valid_origin == c.valid_origin, f"{r} was validated on {o.valid_origin}, {runs[0]} on "
+              f"{c.valid_origin}: ensemble runs validated on the same split (for a carved one, the same --seed)")
     srcs = _checked_source(c, split, target_recall, source, data_dir)
     site = _site_threshold(runs, c, threshold_on, threshold_rule, target_recall, tta, data_dir) if threshold_on else None
-    learns, dls, valids, splits = zip(*[_run_preds(r, srcs, split, tta) for r in runs])
+    learns, dls, valids, splits = zip(*[_run_preds(r, srcs, split, tta, adabn) for r in runs])
     def mean(pairs): return torch.stack([p for p, _ in pairs]).mean(0), pairs[0][1]  # the targets are the same
     valid, preds = mean(valids), mean(splits)
-    archs = '+'.join(dict.fromkeys(o['arch'] for o in cs))
+    if prior_correction:
+        from xray_fastai.shift import correct_prior
+        preds, pc = correct_prior(preds, c)
+    archs = '+'.join(dict.fromkeys(o.arch for o in cs))
     res, thr = _eval_result(c, out.name, archs, f"ensemble of {len(runs)}", source, split, tta, target_recall, valid, preds,
                             site)
     res['members'] = [str(r) for r in runs]
-    pos = c['classes'].index(c['positive'])
+    if adabn is not None: res['adabn'] = learns[0].adabn
+    if prior_correction: res['prior_correction'] = pc
+    pos = c.classes.index(c.positive)
     targets = preds[1] == pos
     curves = {r.name: (p[:, pos], targets) for r, (p, _) in zip(runs, splits)} | {res['mode']: (preds[0][:, pos], targets)}
     probs = {f"prob_{i}": p[:, pos].double().numpy() for i, (p, _) in enumerate(splits)}

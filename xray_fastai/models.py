@@ -23,8 +23,8 @@ from torchvision.models import mobilenet_v2, resnet18, resnet34, resnet50
 from .core import XrayError, check
 
 # %% auto #0
-__all__ = ['torchvision_archs', 'group_names', 'resnet_split', 'mobilenet_v2_split', 'timm_split', 'resolve_arch',
-           'catch_download_errors', 'build_model', 'layer_groups', 'load_weights', 'count_params']
+__all__ = ['torchvision_archs', 'group_names', 'resnet_split', 'mobilenet_v2_split', 'timm_split', 'arch_splitter',
+           'resolve_arch', 'catch_download_errors', 'build_model', 'layer_groups', 'load_weights', 'count_params']
 
 # %% ../nbs/02_models.ipynb #530149e3
 torchvision_archs = {o.__name__: o for o in (resnet18, resnet34, resnet50, mobilenet_v2)}
@@ -50,8 +50,14 @@ def timm_split(m:nn.Module) -> L:
     return L(stem, sum(blocks[:mid], []), sum(blocks[mid:], []), params(m[1:]))
 
 # %% ../nbs/02_models.ipynb #379e960d
-for _a in (resnet18, resnet34, resnet50): model_meta[_a] = {**model_meta[_a], 'split': resnet_split}
-model_meta[mobilenet_v2] = {'cut': -1, 'split': mobilenet_v2_split, 'stats': imagenet_stats, 'weights': 'DEFAULT'}
+# fastai's own resnet entries stay as they are (other fastai code in the process uses them): ours go by `splitter=`
+_SPLITS = {resnet18: resnet_split, resnet34: resnet_split, resnet50: resnet_split, mobilenet_v2: mobilenet_v2_split}
+model_meta.setdefault(mobilenet_v2, {'cut': -1, 'split': mobilenet_v2_split, 'stats': imagenet_stats, 'weights': 'DEFAULT'})
+
+def arch_splitter(arch:str): # a name `resolve_arch` knows
+    "The stem/early/late/head splitter of `arch`, for `vision_learner(splitter=...)`."
+    a = resolve_arch(arch)
+    return _SPLITS.get(a) or model_meta[a]['split']
 
 # %% ../nbs/02_models.ipynb #7db81393
 def resolve_arch(name:str, # a torchvision name from `torchvision_archs` or any timm model name
@@ -98,7 +104,7 @@ def layer_groups(arch:str, # a name `resolve_arch` knows
                  n_in:int=1, # input channels
                 ) -> dict:
     "Number of parameters in each layer group of `arch` (built untrained), by group name."
-    groups = model_meta[resolve_arch(arch)]['split'](build_model(arch, n_in=n_in, pretrained=False))
+    groups = arch_splitter(arch)(build_model(arch, n_in=n_in, pretrained=False))
     return dict(zip(group_names, groups.map(lambda g: sum(p.numel() for p in g))))
 
 # %% ../nbs/02_models.ipynb #e5dd1465

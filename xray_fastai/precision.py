@@ -50,14 +50,14 @@ def resolve_precision(precision:str='auto', # auto, fp32, bf16 or fp16
                       size:int=None, # input size (px): on a CPU, `auto` picks bf16 from `CPU_BF16_MIN_SIZE` px
                      ) -> str:
     "The precision `precision` means on `device`: `auto` is bf16 where it is native and faster, else fp32."
-    check(precision in PRECISIONS, f"unknown --precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    check_setting(precision in PRECISIONS, f"unknown `precision` {precision!r}: use one of {', '.join(PRECISIONS)}")
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     if precision == 'auto':
         fast = device.type == 'cuda' or size is None or size >= CPU_BF16_MIN_SIZE
         return 'bf16' if fast and bf16_supported(device) else 'fp32'
-    check(precision != 'fp16' or device.type == 'cuda', "--precision fp16 needs a GPU: use bf16 or fp32 on a CPU")
-    check(precision != 'bf16' or device.type != 'cuda' or bf16_supported(device),
-          "this GPU does not support bf16: use --precision fp16 or fp32")
+    check_setting(precision != 'fp16' or device.type == 'cuda', "`precision` fp16 needs a GPU: use bf16 or fp32 on a CPU")
+    check_setting(precision != 'bf16' or device.type != 'cuda' or bf16_supported(device),
+                  "this GPU does not support bf16: use `precision` fp16 or fp32")
     return precision
 
 # %% ../nbs/02b_precision.ipynb #a8022c38

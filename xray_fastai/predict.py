@@ -15,11 +15,12 @@ from torch import nn
 from PIL import Image
 from fastcore.all import *
 from fastai.vision.all import (Resize, ResizeMethod, ToTensor, IntToFloatTensor, Normalize, Pipeline, TensorImageBW,
-                               aug_transforms, defaults)
+                               aug_transforms, defaults, get_files)
 from fastai.callback.hook import hook_output
 from .core import *
 from .data import *
-from .learner import load_model_dir
+from .config import RunConfig
+from .runs import load_model_dir
 from .precision import resolve_precision, memory_format_for, autocast_to
 from concurrent.futures import ThreadPoolExecutor  # the standard one: fastcore's (star-imported) maps f(item, *args)
 
@@ -40,11 +41,9 @@ def is_dicom(fn) -> bool:
     except OSError: return False
 
 # %% ../nbs/06_predict.ipynb #7b01f0ca
-def _hidden(p:Path, root:Path) -> bool: return any(part.startswith('.') for part in p.relative_to(root).parts)
-
 def _scan_folder(root:Path) -> list:
-    "Image and DICOM files under `root`, recursively and sorted; hidden files and folders skipped."
-    files = (p for p in root.rglob('*') if p.is_file() and not _hidden(p, root))
+    "Image and DICOM files under `root`, recursively and sorted; hidden files and folders skipped (fastai's `get_files`)."
+    files = get_files(root, recurse=True)  # every extension: a DICOM file may have none
     return sorted(p for p in files if p.suffix.lower() in IMAGE_EXTS | DICOM_EXTS or (not p.suffix and is_dicom(p)))
 
 def _read_list(csv:Path) -> list:
@@ -118,10 +117,10 @@ def validation_settings(meta:dict, # the model's `model.json`
                        ) -> dict:
     "`aug`, `aug_kwargs` and `draft` (JPEG decoding) of the model's run: they decide its validation transforms."
     cfg = Path(folder)/'config.json' if folder else None
-    c = load_json(cfg) if cfg and cfg.exists() else {}
-    aug = meta.get('aug', c.get('aug', meta['presize'] != meta['size']))
-    return dict(aug=bool(aug), aug_kwargs=dict(meta.get('aug_kwargs', c.get('aug_kwargs')) or {}),
-                draft=bool(meta.get('draft', c.get('cache', False))))
+    c = RunConfig.load(cfg) if cfg and cfg.exists() else None
+    aug = meta.get('aug', c.aug if c else meta['presize'] != meta['size'])
+    return dict(aug=bool(aug), aug_kwargs=dict(meta.get('aug_kwargs', c and c.aug_kwargs) or {}),
+                draft=bool(meta.get('draft', c and c.cache)))
 
 class XrayPreprocess:
     "The validation transforms of `xray_dataloaders` for a model: the item resize on the CPU, then the batch ones."

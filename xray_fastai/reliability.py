@@ -11,7 +11,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch, torch.distributed as dist
-from fastai.torch_core import rank_distrib
 from .core import *
 from .distributed import is_distributed
 

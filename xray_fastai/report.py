@@ -1,4 +1,4 @@
-"""Side-by-side comparison of runs (speed, size, stability, test metrics) as Markdown, CSV, JSON and plots, and the experiment grid: architectures x {frozen, finetune}, trained, evaluated and compared in one call.
+"""Side-by-side comparison of runs (speed, size, stability, test metrics) as Markdown, CSV, JSON and plots (the experiment grid's report: see `experiment`).
 
 Docs: https://xray-fastai.github.io/xray-fastai/report.html.md"""
 
@@ -6,18 +6,16 @@ Docs: https://xray-fastai.github.io/xray-fastai/report.html.md"""
 
 # %% ../nbs/05_report.ipynb #7d823438
 from __future__ import annotations
-import itertools, json, os, sys
+import json, os
 from pathlib import Path
 
 import numpy as np, pandas as pd
 from fastcore.all import *
 from .core import *
-from .learner import train, resume, train_config
-from .evaluate import evaluate, eval_dir, plot_roc, _checked_source, _split_name
+from .evaluate import eval_dir, plot_roc, _split_name
 
 # %% auto #0
-__all__ = ['MODES', 'stability', 'run_summary', 'table_columns', 'markdown_table', 'findings', 'plot_curves', 'compare',
-           'format_compare', 'experiment']
+__all__ = ['stability', 'run_summary', 'table_columns', 'markdown_table', 'findings', 'plot_curves', 'compare', 'format_compare']
 
 # %% ../nbs/05_report.ipynb #fada1be0
 def stability(hist:pd.DataFrame, # a run's `history.csv`: one row per epoch, with `accuracy` and `valid_loss`
@@ -246,69 +244,3 @@ def format_compare(res:dict) -> str:
     lines = ['  '.join(s.rjust(n) if i else s.ljust(n) for i, (s, n) in enumerate(zip(c, w))) for c in cells]
     extra = [f"report: {res['files']['report']}"] if res['files'].get('report') else []
     return '\n'.join([*lines, '', *[f"- {f}" for f in res['findings']], *extra])
-
-# %% ../nbs/05_report.ipynb #86378c5d
-MODES = ('frozen', 'finetune')
-_NOT_COMPARED = {'verify', 'num_workers', 'data_dir'}  # settings that do not change what a run learns
-
-def _names_list(o) -> list: return [s.strip() for s in o.split(',') if s.strip()] if isinstance(o, str) else list(o)
-
-def _json(o): return json.loads(json.dumps(o, default=str))
-
-def _run_state(run:Path, want:dict) -> str:
-    "'new', 'done' (finished with the settings `want`) or 'resume' (interrupted after a saved epoch)."
-    if not (run.exists() and any(run.iterdir())): return 'new'
-    check((run/'config.json').is_file(), f"{run} exists and is not a run folder: choose another --out")
-    have = load_json(run/'config.json')
-    diff = [k for k, v in want.items() if k not in _NOT_COMPARED and v is not None and v != 'auto'
-            and _json(v) != _json(have.get(k))]
-    check(not diff, f"{run} holds a run with other settings (" +
-          ', '.join(f"{k} {have.get(k)!r}, not {want[k]!r}" for k in diff) + "): choose another --out")
-    if (run/'metrics.json').is_file() and (run/'model.safetensors').is_file(): return 'done'
-    check((run/'last.pth').is_file(), f"{run} holds a run with no checkpoint to resume (stopped before its first epoch, or finished lean and its results since removed): delete it and run again")
-    return 'resume'
-
-# %% ../nbs/05_report.ipynb #7e9a7629
-def experiment(source='pneumoniamnist', # `pneumoniamnist[:size]`, an .npz, a folder or a CSV
-               archs=('resnet34', 'mobilenet_v2'), # architectures (a list, or names separated by commas)
-               modes=MODES, # `frozen` and/or `finetune` (a list, or separated by commas)
-               out='experiment', # folder for the runs and the report
-               epochs:int=5, # epochs per run
-               split:str='test', # evaluate every run on this split
-               target_recall:float=0.95, # recall the chosen threshold must reach on validation
-               track:str=None, # 'mlflow': log each run trained here (with its evaluation) to MLflow, experiment `out`'s name
-               track_model:bool=False, # also upload each run's model
-               **train_kwargs # more `train` options for every run (e.g. `pretrained=False`, `bs`); `freeze_epochs` for fine-tuning only
-              ) -> dict:
-    "Train, evaluate and compare every architecture in every mode; the report goes to `out/report.md`."
-    archs, modes, out, split = _names_list(archs), _names_list(modes), Path(out), _split_name(split)
-    _check_report_dir(out, 'experiment.json')
-    check(archs, "give at least one architecture")
-    check(modes and set(modes) <= set(MODES), f"modes are {' and '.join(MODES)}, got {', '.join(modes) or 'none'}")
-    check(len(set(archs)) == len(archs) and len(set(modes)) == len(modes), "an architecture or mode is given twice")
-    plan = []
-    for arch, mode in itertools.product(archs, modes):
-        kw = dict(source=str(source), arch=arch, frozen=mode == 'frozen', epochs=epochs, **train_kwargs)
-        if mode == 'frozen': kw.pop('freeze_epochs', None)  # head-only epochs before fine-tuning: a frozen run is all head
-        run = out/f"{arch.replace('/', '_')}-{mode}"
-        plan.append((run, kw, _run_state(run, train_config(**kw))))
-    _checked_source(train_config(**plan[0][1]), split, target_recall)  # before the first run trains, not after
-    if track:
-        from xray_fastai.track import check_track
-        check_track(track)
-    save_json(dict(source=str(source), archs=archs, modes=modes, epochs=epochs, split=split,
-                   target_recall=target_recall, train_kwargs=train_kwargs), out/'experiment.json')
-    for i, (run, kw, state) in enumerate(plan, 1):
-        print(f"[{i}/{len(plan)}] {run.name}: " + dict(new='training', done='finished already, reused',
-                                                       resume='resuming')[state], file=sys.stderr, flush=True)
-        if state == 'new': train(out=run, **kw)
-        elif state == 'resume': resume(run, data_dir=train_kwargs.get('data_dir'))
-        ev = eval_dir(run, split)/'metrics.json'
-        if state != 'done' or not ev.is_file() or load_json(ev)['target_recall'] != target_recall:
-            evaluate(run, split=split, target_recall=target_recall, data_dir=train_kwargs.get('data_dir'))
-        if track and state != 'done':  # a finished run reused was logged when it was made
-            from xray_fastai.track import track_run
-            m = load_json(eval_dir(run, split)/'metrics.json')['default']
-            track_run(run, track, experiment=out.resolve().name, track_model=track_model, tags={'experiment': str(out)},
-                      extra={f'{split}_{k}': m[k] for k in _EVAL_KEYS if isinstance(m.get(k), (int, float))})
-    return compare([run for run, _, _ in plan], out=out, split=split)

@@ -15,6 +15,7 @@ from fastcore.all import *
 from .core import *
 from .data import *
 from .data import _class_dirs
+from .config import RunConfig
 from .evaluate import binary_metrics, eval_learner, _run_config, _run_source, _external_source, _split_name
 
 # %% auto #0
@@ -106,12 +107,12 @@ def em_prior(probs, # (n, classes) probabilities of a classifier trained with cl
         if done: break
     return corrected(prior), prior, it
 
-def train_prior(config:dict, # a run's `config.json`
+def train_prior(config:RunConfig, # a run's config
                ) -> list:
     "The class prior a run's model learnt: its training split's class frequencies, uniform with `class_weights`."
-    classes = config['classes']
-    if config.get('class_weights'): return [1 / len(classes)] * len(classes)  # the loss weights undo the frequencies
-    counts = (config.get('counts') or {}).get('train')
+    classes = config.classes
+    if config.class_weights: return [1 / len(classes)] * len(classes)  # the loss weights undo the frequencies
+    counts = (config.counts or {}).get('train')
     check(counts, "the run's config.json records no training class counts: prior correction needs them")
     n = np.array([counts[c] for c in classes], np.float64)
     return (n / n.sum()).tolist()
@@ -151,13 +152,13 @@ def adabn_model(model, # a deployable model from `load_predictor`
 
 # %% ../nbs/09_shift.ipynb #23d5635b
 def correct_prior(preds:tuple, # `(probabilities, targets)` as `get_preds` gives them
-                  config:dict, # the run's `config.json`
+                  config:RunConfig, # the run's config
                  ) -> tuple:
     "`preds` with the probabilities corrected by `em_prior` for their own class prior, and a record of the correction."
     p, t = preds
     tp = train_prior(config)
     fixed, prior, it = em_prior(p, tp)
-    cls = config['classes']
+    cls = config.classes
     return (torch.as_tensor(fixed, dtype=torch.float64), t), dict(train_prior=dict(zip(cls, tp)),
                                                              estimated_prior=dict(zip(cls, prior.tolist())), iterations=it)
 
@@ -176,7 +177,7 @@ def correct_prior_df(df:pd.DataFrame, # `predict`'s result
     check(ok.sum(), "no readable images to estimate a class prior on")
     p = df.loc[ok, col].to_numpy(np.float64)
     probs = np.stack([1 - p, p] if i == 1 else [p, 1 - p], 1)
-    fixed, prior, _ = em_prior(probs, train_prior(load_json(cfg)))
+    fixed, prior, _ = em_prior(probs, train_prior(RunConfig.load(cfg)))
     df = df.copy()
     df[f"{col}_uncorrected"] = df[col]
     df.loc[ok, col] = fixed[:, i]
@@ -286,21 +287,21 @@ def _is_unlabelled(source) -> bool:
     p = Path(str(source)).expanduser()
     return p.is_dir() and not _class_dirs(p)
 
-def _site_outputs(learn, c:dict, source, split:str, unlabelled:bool, data_dir=None, bs:int=64) -> tuple:
+def _site_outputs(learn, c:RunConfig, source, split:str, unlabelled:bool, data_dir=None, bs:int=64) -> tuple:
     "The site's `model_outputs`, its name and its items (file paths, or row ids)."
     if unlabelled or _is_unlabelled(source):
         from xray_fastai.predict import load_predictor, image_paths
         _, meta = load_predictor(learn.path)
         batches = ImageBatches(list(image_paths(source)), meta, bs=bs, device=learn.dls.device)
-        o = model_outputs(learn.model, batches, c['stats'])
+        o = model_outputs(learn.model, batches, c.stats)
         items = [f for f in map(str, batches.files) if f not in dict(batches.skipped)]
         return o, str(source), items, batches.skipped
     src = _external_source(c, source, split, data_dir)
-    check(src.classes == c['classes'], f"{src.name} has classes {src.classes}; the run was trained on {c['classes']}")
+    check(src.classes == c.classes, f"{src.name} has classes {src.classes}; the run was trained on {c.classes}")
     slearn = eval_learner(learn.path, src)
     dl = slearn.dls.valid
     items = dl.items
-    return model_outputs(slearn.model, dl, c['stats']), src.name, [str(i) for i in items['item']], src.skipped
+    return model_outputs(slearn.model, dl, c.stats), src.name, [str(i) for i in items['item']], src.skipped
 
 # %% ../nbs/09_shift.ipynb #0faea386
 def _plot_reliability(cals:dict, fname):
@@ -374,15 +375,15 @@ def shift_report(run_dir, # a run folder written by `train`
     t0, run_dir, split = time.perf_counter(), Path(run_dir), _split_name(split)
     c = _run_config(run_dir)
     out = check_out_dir(out, 'report folder')
-    pos = c['classes'].index(c['positive'])
+    pos = c.classes.index(c.positive)
     learn = eval_learner(run_dir, _run_source(c, data_dir))
-    vo = model_outputs(learn.model, learn.dls.valid, c['stats'])
+    vo = model_outputs(learn.model, learn.dls.valid, c.stats)
     so, name, items, skipped = _site_outputs(learn, c, source, split, unlabelled, data_dir, bs)
     labelled = so['targets'] is not None
     vp, vt = vo['probs'][:, pos].numpy(), (vo['targets'] == pos).numpy()
     sp = so['probs'][:, pos].numpy()
     vi, si = vo['intensity'], so['intensity']
-    res = dict(run=run_dir.name, source=str(source), site=None, labelled=labelled, positive=c['positive'],
+    res = dict(run=run_dir.name, source=str(source), site=None, labelled=labelled, positive=c.positive,
                n_valid=len(vp), n_site=len(sp), skipped=len(skipped),
                valid=dict(binary_metrics(vp, vt), calibration=calibration(vp, vt, bins)),
                intensity=dict(valid=vi, site=si),
@@ -402,7 +403,7 @@ def shift_report(run_dir, # a run folder written by `train`
     with atomic_path(out/'preds.csv') as tmp:
         pd.DataFrame(dict(item=items, **({'target': st.astype(int)} if labelled else {}), prob=sp.astype(np.float64))).to_csv(tmp, index=False)
     tgt = lambda o: None if o['targets'] is None else o['targets'].numpy()
-    _plot_scores({'validation': (vp, tgt(vo)), f"site: {name}": (sp, tgt(so))}, c['classes'], c['positive'], out/'scores.png')
+    _plot_scores({'validation': (vp, tgt(vo)), f"site: {name}": (sp, tgt(so))}, c.classes, c.positive, out/'scores.png')
     _plot_intensity({'validation': vo['pixels'], f"site: {name}": so['pixels']}, out/'intensity.png')
     if labelled: _plot_reliability({'validation': res['valid']['calibration'], 'site': res['site']['calibration']}, out/'reliability.png')
     res['seconds'] = round(time.perf_counter() - t0, 2)

@@ -8,19 +8,19 @@ Docs: https://xray-fastai.github.io/xray-fastai/sites.html.md"""
 from __future__ import annotations
 from contextlib import contextmanager
 
-import numpy as np, pandas as pd, torch
+import pandas as pd, torch
 from fastcore.all import *
 from fastai.vision.all import Callback, Recorder
 from fastai.torch_core import get_random_states, set_random_states
 from .core import *
 from .data import *
 from .distributed import is_distributed, on_rank0
+from .config import SITE_METRICS
 
 # %% auto #0
-__all__ = ['SITE_METRICS', 'site_source', 'site_dl', 'kept_rng', 'site_preds', 'feature_batches', 'site_metrics', 'SiteCallback']
+__all__ = ['site_source', 'site_dl', 'kept_rng', 'site_preds', 'feature_batches', 'site_metrics', 'SiteCallback']
 
 # %% ../nbs/02d_sites.ipynb #20c502a9
-SITE_METRICS = ('site_loss', 'site_accuracy', 'site_recall_score', 'site_specificity', 'site_roc_auc_score')
 _KEYS = ('loss', 'accuracy', 'recall', 'specificity', 'roc_auc')  # their names in `binary_metrics`
 
 # %% ../nbs/02d_sites.ipynb #70443074
@@ -36,14 +36,14 @@ def site_source(source, # a labelled sample of the deployment site: a folder of 
     return XraySource(src.name, df, src.images, src.skipped, f"{src.name}: {len(src.df)} images (site sample)")
 
 # %% ../nbs/02d_sites.ipynb #0c8e1355
-def site_dl(c:dict, # a run's config, resolved by `_build` (size, presize, stats, classes)
+def site_dl(c, # a `RunConfig`, resolved by `_build` (size, presize, stats, classes)
             device=None, # where batches go (default: the GPU if there is one)
            ):
-    "The site sample `c['site']` as a DataLoader, in order, with the run's validation transforms."
-    src = site_source(c['site'], c['classes'], data_dir=c.get('data_dir'), verify=c.get('verify', True))
-    dls = xray_dataloaders(src, size=c['size'], bs=c['bs'], aug=c['aug'], presize=c['presize'], stats=c['stats'],
-                           num_workers=0, seed=c['seed'], cache=c.get('cache', False), device=device,
-                           **(c.get('aug_kwargs') or {}))
+    "The site sample `c.site` as a DataLoader, in order, with the run's validation transforms."
+    src = site_source(c.site, c.classes, data_dir=c.data_dir, verify=c.verify)
+    dls = xray_dataloaders(src, size=c.size, bs=c.bs, aug=c.aug, presize=c.presize, stats=c.stats,
+                           num_workers=0, seed=c.seed, cache=c.cache, device=device,
+                           **(c.aug_kwargs or {}))
     return dls.valid
 
 # %% ../nbs/02d_sites.ipynb #e316ec35

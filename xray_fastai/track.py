@@ -14,7 +14,9 @@ from fastcore.all import *
 from fastai.callback.core import Callback
 from fastai.torch_core import rank_distrib
 from .core import *
-from .learner import HistoryCallback, train, _mode
+from .config import RunConfig, run_mode
+from .callbacks import HistoryCallback
+from .learner import train
 
 # %% auto #0
 __all__ = ['TRACKERS', 'DEFAULT_TRACKING_URI', 'need', 'tracking_uri', 'check_track', 'MlflowTracker', 'TrackCallback',
@@ -79,11 +81,10 @@ class MlflowTracker:
             self.run_id = self.client.create_run(self.exp_id, run_name=self.run_name or path.name,
                                                  tags={'run_folder': str(path.resolve()), **self.tags}).info.run_id
         if not self.has_params and (path/'config.json').is_file():
-            c = load_json(path/'config.json')
+            c = RunConfig.load(path)
             from mlflow.entities import Param, RunTag
-            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in _flat_params(c).items()],
-                                  tags=[RunTag('arch', str(c.get('arch'))), RunTag('mode', _mode(c.get('frozen'))),
-                                        RunTag('source', str(c.get('source')))])
+            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in _flat_params(c.to_dict()).items()],
+                                  tags=[RunTag('arch', str(c.arch)), RunTag('mode', run_mode(c.frozen)), RunTag('source', str(c.source))])
             self.has_params = True
         return self.run_id
 

@@ -6,14 +6,15 @@ Docs: https://xray-fastai.github.io/xray-fastai/tune.html.md"""
 
 # %% ../nbs/11_tune.ipynb #b893e4fb
 from __future__ import annotations
-import json, math, random, shlex, sys, time, warnings
+import json, random, shlex, sys, time, warnings
 from pathlib import Path
 
-import numpy as np, pandas as pd
+import numpy as np
 from fastcore.all import *
 from fastai.callback.core import Callback, CancelFitException
 from .core import *
-from .learner import HistoryCallback, train_config
+from .config import RunConfig
+from .callbacks import HistoryCallback
 from .track import need, train_tracked, check_track
 
 # %% auto #0
@@ -264,7 +265,7 @@ def tune(params:list=None, # search space: `NAME=DISTRIBUTION` strings (see `par
          track:str=None, # 'mlflow': every trial an MLflow run, in the experiment named after the study
          track_model:bool=False, # also upload each trial's model
          tracking_uri:str=None, # default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db
-         **train_kwargs # fixed `train` settings for every trial (the space's override them)
+         **settings # fixed `RunConfig` settings for every trial (the space's override them)
         ) -> dict:
     "Run an Optuna sweep over `train` settings; returns `tune_report`'s summary (the best trial and the files)."
     optuna = need('optuna', 'tune')
@@ -276,8 +277,8 @@ def tune(params:list=None, # search space: `NAME=DISTRIBUTION` strings (see `par
     check_out_dir(out, 'tune folder', "choose another --out (a sweep's folder continues its study)",
                   reuse=earlier or (out.is_dir() and all(p.name.startswith('trial-') for p in out.iterdir())))
     check_track(track)
-    base = dict(train_kwargs)
-    train_config(**{**base, 'monitor': monitor})  # the fixed settings are checked before any trial
+    base = dict(settings)
+    RunConfig.from_recipe(**{**base, 'monitor': monitor})  # the fixed settings are checked before any trial
     ep = space.get('epochs', {})
     max_epochs = ep.get('high') or ep.get('value') or max(ep.get('choices', [0]) or [0]) or base.get('epochs') or 5
     s = open_study(study, storage, out, monitor, pruner, max_epochs, sampler_seed)
