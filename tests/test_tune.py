@@ -179,3 +179,15 @@ def test_hyperband_prunes_from_per_epoch_reports(mini_npz, tmp_path):
         hist = pd.read_csv(Path(t.user_attrs['run'])/'history.csv')
         assert sorted(t.intermediate_values) == list(hist.epoch)  # one report per trained epoch
         assert list(hist.epoch) == ([0, 1] if t.number == 4 else [0, 1, 2])
+
+
+def test_objective_on_a_site_sample(mini_npz, shared_data, tmp_path):
+    "`--monitor site_roc_auc_score` with `--site`: each trial's value is the best epoch's AUC on the site sample, maximised."
+    res = tune(['lr=loguniform:1e-3:1e-1'], n_trials=2, out=tmp_path/'site', pruner='none', monitor='site_roc_auc_score',
+               site=str(shared_data/'pneumoniamnist_site_A'), **_fixed(mini_npz))
+    study = optuna.load_study(study_name='xray-fastai', storage=f"sqlite:///{tmp_path/'site'/'tune.db'}")
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE
+    for t in study.trials:
+        hist = pd.read_csv(Path(t.user_attrs['run'])/'history.csv')
+        assert t.value == pytest.approx(hist.site_roc_auc_score.max())
+    assert res['best']['value'] == max(t.value for t in study.trials) and '--site' in res['best']['command']

@@ -258,7 +258,7 @@ def tune(params:list=None, # search space: `NAME=DISTRIBUTION` strings (see `par
          out='tune', # folder for the trials' run folders and the outputs
          study:str='xray-fastai', # the study's name in the storage
          storage:str=None, # Optuna storage URL (default: sqlite:///OUT/tune.db)
-         monitor:str='valid_loss', # the objective: a validation value (a loss is minimised, anything else maximised)
+         monitor:str='valid_loss', # the objective: a validation value, or with `site` a site sample's (`site_roc_auc_score`...); a loss is minimised
          pruner='median', # 'median', 'hyperband', 'none' or an `optuna.pruners` object
          sampler_seed:int=None, # seed of the TPE sampler (each process of a shared study should have its own)
          keep_checkpoints:bool=False, # keep each trial's best.pth and last.pth
