@@ -173,6 +173,17 @@ def choose(a, runs):
         v = vs[k]
         rows.append(f"| {i + 1} | {k[0]} | {k[1]} | {v['cost'][0]} | {v['auc']:.4f} | {'yes' if v['auc'] >= best - TOL else 'no'} | "
                     f"{v['acc_thr']:.4f} / {v['spec_thr']:.4f} / {v['recall_thr']:.4f} |")
+    if len(a.seeds) > 1:  # reported beside the rule, not part of it: the ensemble of the seeds' runs on A
+        from xray_fastai.evaluate import ensemble
+        rows += ["", f"Ensembles of the seeds' runs (mean probabilities; reported, not part of the rule), on A:", "",
+                 "| candidate | evaluation | A AUC | A acc / spec / recall at A's Youden threshold |", "| --- | --- | ---: | --- |"]
+        for name in dict.fromkeys(k[0] for k in order):
+            for tta in (False, True):
+                e = ensemble([runs/f"{name}-seed{s}" for s in a.seeds], runs/f"ensemble-{name}-{'tta' if tta else 'plain'}",
+                             source=str(SITE_A), tta=tta, threshold_on=str(SITE_A), threshold_rule=RULE)
+                ch = e['chosen']
+                rows.append(f"| {name} | {'tta' if tta else 'plain'} | {_f(e['default']['roc_auc'])} | {_f(ch['accuracy'])} / "
+                            f"{_f(ch['specificity'])} / {_f(ch['recall'])} |")
     rows += ["", f"Chosen by the rule: **{top[0]}, {top[1]}**" + (" (the incumbent: nothing beats it by the rule)"
                                                                   if top == (INCUMBENT, 'plain') else "")]
     return rows, dict(seeds=a.seeds, chosen=list(top), order=[list(k) for k in order],
@@ -310,6 +321,7 @@ def main(argv=None):
     from throughput import machine
     started, load0 = datetime.datetime.now(), os.getloadavg()
     runs = Path(a.runs or REPO/'bench'/'runs'/f"generalisation-{a.mode}")
+    if a.mode == "choose": runs = Path(a.runs or REPO/"bench"/"runs"/"generalisation-screen")
     rows, res = dict(screen=screen, choose=choose, final=final, kermany=kermany)[a.mode](a, runs)
     m = machine()
     cmd = 'python bench/generalisation.py' + ''.join(f' {o}' for o in (argv if argv is not None else sys.argv[1:]))
