@@ -142,21 +142,21 @@ def _save_json(res, path): Path(path).write_text(json.dumps(res, indent=1, defau
 # others (by that order) get seed 43; stage 2 applies the rule to the candidates with both seeds (means over 42, 43).
 TOL, N_A = 0.01, 312
 
-def rule(res, seeds):
+def rule(res, seeds, cands=None, incumbent=INCUMBENT):
     "The rule above over the candidates of `res` that have every seed of `seeds`: (choice, ordered pairs, scores)."
-    vs = {}
+    cands, vs = cands or CANDIDATES, {}
     for name, by in res.items():
-        if name not in CANDIDATES or not all(str(s) in by for s in seeds): continue
+        if name not in cands or not all(str(s) in by for s in seeds): continue
         for ev in ('plain', 'tta'):
             rs = [by[str(s)][ev] for s in seeds]
             vs[(name, ev)] = dict(auc=statistics.mean(r['auc'] for r in rs), acc_thr=statistics.mean(r['acc_thr'] for r in rs),
                                   spec_thr=statistics.mean(r['spec_thr'] for r in rs),
                                   recall_thr=statistics.mean(r['recall_thr'] for r in rs),
-                                  cost=(CANDIDATES[name]['epochs'], ev == 'tta'))
+                                  cost=(cands[name]['epochs'], ev == 'tta'))
     best = max(v['auc'] for v in vs.values())
     elig = {k for k, v in vs.items() if v['auc'] >= best - TOL}
     order = sorted(vs, key=lambda k: (k not in elig, vs[k]['cost'], -vs[k]['acc_thr']))
-    top, inc = order[0], (INCUMBENT, 'plain')
+    top, inc = order[0], (incumbent, 'plain')
     if inc in elig and vs[inc]['cost'] == vs[top]['cost'] and vs[top]['acc_thr'] - vs[inc]['acc_thr'] < 1 / N_A - 1e-9:
         top = inc
     return top, order, vs, best
@@ -164,8 +164,10 @@ def rule(res, seeds):
 
 def choose(a, runs):
     "Apply the rule to bench/generalisation-screen.json: stage 1 on --seeds[0], stage 2 on every seed of --seeds."
-    res = _load_json(REPO/'bench'/'generalisation-screen.json')
-    top, order, vs, best = rule(res, a.seeds)
+    k = a.set == 'kermany'
+    res = _load_json(REPO/'bench'/f"generalisation-{'kermany' if k else 'screen'}.json")
+    site, incumbent = (KSITE, 'kermany-recipe') if k else (SITE_A, INCUMBENT)
+    top, order, vs, best = rule(res, a.seeds, KERMANY if k else CANDIDATES, incumbent)
     rows = [f"Rule over seeds {a.seeds} (best mean A AUC {best:.4f}; eligible from {best - TOL:.4f}):", "",
             "| rank | candidate | evaluation | epochs | mean A AUC | eligible | mean A acc / spec / recall at A's Youden threshold |",
             "| ---: | --- | --- | ---: | ---: | --- | --- |"]
@@ -180,12 +182,12 @@ def choose(a, runs):
         for name in dict.fromkeys(k[0] for k in order):
             for tta in (False, True):
                 e = ensemble([runs/f"{name}-seed{s}" for s in a.seeds], runs/f"ensemble-{name}-{'tta' if tta else 'plain'}",
-                             source=str(SITE_A), tta=tta, threshold_on=str(SITE_A), threshold_rule=RULE)
+                             source=str(site), tta=tta, threshold_on=str(site), threshold_rule=RULE)
                 ch = e['chosen']
                 rows.append(f"| {name} | {'tta' if tta else 'plain'} | {_f(e['default']['roc_auc'])} | {_f(ch['accuracy'])} / "
                             f"{_f(ch['specificity'])} / {_f(ch['recall'])} |")
     rows += ["", f"Chosen by the rule: **{top[0]}, {top[1]}**" + (" (the incumbent: nothing beats it by the rule)"
-                                                                  if top == (INCUMBENT, 'plain') else "")]
+                                                                  if top == (incumbent, 'plain') else "")]
     return rows, dict(seeds=a.seeds, chosen=list(top), order=[list(k) for k in order],
                       scores={f"{k[0]}|{k[1]}": v for k, v in vs.items()})
 
@@ -284,6 +286,7 @@ KERMANY = {
     'kermany-short-gentle': {**KBASE, 'epochs': 5, 'bs': 64, 'lr': 3e-3},
     'kermany-5ep': {**KBASE, 'epochs': 5},
     'kermany-short-gentle-flips': {**KBASE, 'epochs': 5, 'bs': 64, 'lr': 3e-3, 'aug_kwargs': dict(do_flip=True)},
+    'kermany-sg+class-weights': {**KBASE, 'epochs': 5, 'bs': 64, 'lr': 3e-3, 'class_weights': True},
 }
 
 def kermany(a, runs):
@@ -303,7 +306,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('mode', choices=['screen', 'choose', 'final', 'kermany'])
     p.add_argument('--only', nargs='+', choices=[*CANDIDATES, *KERMANY], help="screen, kermany: only these candidates")
-    p.add_argument('--seed', type=int, default=42, help="screen: the seed")
+    p.add_argument('--seed', type=int, default=42, help="screen, kermany: the seed")
+    p.add_argument('--set', choices=['pneumoniamnist', 'kermany'], default='pneumoniamnist', help="choose: which screen")
     p.add_argument('--candidate', choices=list(CANDIDATES), help="final: the candidate chosen on A")
     p.add_argument('--seeds', type=int, nargs='+', default=None, help="final: the seeds (default 0 1 2); choose: the "
                    "seeds every compared candidate must have (default 42)")
@@ -321,7 +325,8 @@ def main(argv=None):
     from throughput import machine
     started, load0 = datetime.datetime.now(), os.getloadavg()
     runs = Path(a.runs or REPO/'bench'/'runs'/f"generalisation-{a.mode}")
-    if a.mode == "choose": runs = Path(a.runs or REPO/"bench"/"runs"/"generalisation-screen")
+    if a.mode == "choose":
+        runs = Path(a.runs or REPO/"bench"/"runs"/f"generalisation-{'kermany' if a.set == 'kermany' else 'screen'}")
     rows, res = dict(screen=screen, choose=choose, final=final, kermany=kermany)[a.mode](a, runs)
     m = machine()
     cmd = 'python bench/generalisation.py' + ''.join(f' {o}' for o in (argv if argv is not None else sys.argv[1:]))
@@ -332,7 +337,7 @@ def main(argv=None):
     print(text)
     if not a.no_record:
         with open(REPO/'bench'/'GENERALISATION.md', 'a') as f: f.write(text + '\n')
-        (REPO/'bench'/f"generalisation-{a.mode}.json").write_text(json.dumps(res, indent=1, default=str) + '\n')
+        (REPO/'bench'/f"generalisation-{a.mode}{'-kermany' if a.mode == 'choose' and a.set == 'kermany' else ''}.json").write_text(json.dumps(res, indent=1, default=str) + '\n')
 
 
 if __name__ == '__main__': main()
