@@ -175,7 +175,9 @@ def choose(a, runs):
         v = vs[k]
         rows.append(f"| {i + 1} | {k[0]} | {k[1]} | {v['cost'][0]} | {v['auc']:.4f} | {'yes' if v['auc'] >= best - TOL else 'no'} | "
                     f"{v['acc_thr']:.4f} / {v['spec_thr']:.4f} / {v['recall_thr']:.4f} |")
-    if len(a.seeds) > 1:  # reported beside the rule, not part of it: the ensemble of the seeds' runs on A
+    # reported beside the rule, not part of it: the ensemble of the seeds' runs on A (not for kermany: its validation
+    # split is carved by --seed, and `ensemble` needs members validated on the same split)
+    if len(a.seeds) > 1 and not k:
         from xray_fastai.evaluate import ensemble
         rows += ["", f"Ensembles of the seeds' runs (mean probabilities; reported, not part of the rule), on A:", "",
                  "| candidate | evaluation | A AUC | A acc / spec / recall at A's Youden threshold |", "| --- | --- | ---: | --- |"]
