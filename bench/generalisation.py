@@ -1,7 +1,10 @@
 """Recipes chosen on site sample A, then evaluated once on half B, beside stock fastai (bench/GENERALISATION.md).
 
-    python bench/generalisation.py screen                      # candidates, 1 seed: validation + site A only
-    python bench/generalisation.py final --candidate NAME      # the chosen one, 3 seeds, on half B + stock fastai on B
+    python bench/generalisation.py screen                      # ROUND2 candidates, seed 42: validation + site A only
+    python bench/generalisation.py screen --seed 43 --only NAME ...   # a second seed for the top candidates
+    python bench/generalisation.py choose --seeds 42 43        # the choice rule (see `rule`) over the screened runs
+    python bench/generalisation.py final --candidate NAME --workers 1   # the chosen one, 3 seeds, on half B + stock fastai on B
+    python bench/generalisation.py kermany                     # RECIPES['kermany'] and alternatives: validation + chest_xray_224_site_A
     python bench/generalisation.py screen --epochs 1 --only recipe --no-record   # smoke run
 
 `screen` trains every candidate of CANDIDATES from scratch on PneumoniaMNIST (28 px, ../shared/data) while watching
@@ -11,6 +14,9 @@ threshold chosen on A by the Youden rule (`evaluate --source B --threshold-on A 
 the ensemble of the three; then stock fastai (resnet34 from scratch, fastai's default augmentation, 5 epochs of
 fit_one_cycle at lr 3e-3, last epoch, argmax) with the same seeds, on B, in the same run of this script. The final
 trainings run --workers at a time (one thread each), so their wall times are longer than alone.
+`choose` applies the rule written before the screen (`rule`) to bench/generalisation-screen.json. `kermany` trains
+RECIPES['kermany'] and alternatives on chest_xray_224 (64 px) watching chest_xray_224_site_A, and reports validation
+and A only (half B at 224 px is held back). screen and kermany train one run at a time with --threads (default 1).
 Each section is appended to bench/GENERALISATION.md (and its numbers to bench/generalisation-<mode>.json) unless
 --no-record."""
 from __future__ import annotations
@@ -25,15 +31,25 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO/'bench'))
 
 BASE = dict(arch='resnet18', pretrained=False, epochs=10, bs=128, lr=1e-2)  # RECIPES['pneumoniamnist'] before this issue
+SG = dict(arch='resnet18', pretrained=False, epochs=5, bs=64, lr=3e-3)  # `short-gentle`: RECIPES['pneumoniamnist'] now
 STRONG_AUG = dict(max_rotate=15., max_zoom=1.25, max_lighting=0.4, max_warp=0.1)
 CANDIDATES = {
     'recipe': BASE,
     'class-weights': {**BASE, 'class_weights': True},
     'flips': {**BASE, 'aug_kwargs': dict(do_flip=True)},
-    'short-gentle': {**BASE, 'epochs': 5, 'lr': 3e-3, 'bs': 64},
+    'short-gentle': SG,  # = {**BASE, 'epochs': 5, 'lr': 3e-3, 'bs': 64}
     'strong-aug': {**BASE, 'aug_kwargs': STRONG_AUG},
     'class-weights-flips': {**BASE, 'class_weights': True, 'aug_kwargs': dict(do_flip=True)},
+    # second screening (issue 13, round 2): levers on top of `short-gentle`, the current RECIPES['pneumoniamnist']
+    'sg+class-weights': {**SG, 'class_weights': True},
+    'sg+flips': {**SG, 'aug_kwargs': dict(do_flip=True)},
+    'sg+strong-aug': {**SG, 'aug_kwargs': STRONG_AUG},
+    'sg+class-weights-flips': {**SG, 'class_weights': True, 'aug_kwargs': dict(do_flip=True)},
+    'sg-lr1e-2': {**SG, 'lr': 1e-2},
+    'sg-8ep': {**SG, 'epochs': 8},
 }
+ROUND2 = ['short-gentle', 'sg+class-weights', 'sg+flips', 'sg+strong-aug', 'sg+class-weights-flips', 'sg-lr1e-2', 'sg-8ep']
+INCUMBENT = 'short-gentle'
 MONITOR = 'site_roc_auc_score'  # every run keeps the epoch with the best ROC AUC on site A
 RULE = 'youden'  # the threshold rule on A (max balanced accuracy there)
 
@@ -42,48 +58,140 @@ def _f(v): return '-' if v is None else f"{v:.4f}"
 def _ms(xs): return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.4f}"
 
 
-def _train(run, kw, seed, epochs=None):
+def _train(run, kw, seed, epochs=None, source=NPZ, site=SITE_A):
     from xray_fastai.learner import train
     from xray_fastai.core import load_json
     if not (run/'model.safetensors').is_file():
-        train(out=run, source=str(NPZ), verify=False, seed=seed, site=str(SITE_A), monitor=MONITOR,
+        train(out=run, source=str(source), verify=False, seed=seed, site=str(site), monitor=MONITOR,
               **{**kw, **({'epochs': epochs} if epochs else {})})
     return load_json(run/'metrics.json')
 
 
-def screen(a, runs):
+def _screen_one(run, kw, seed, epochs=None, source=NPZ, site=SITE_A, adabn=True) -> dict:
+    "Train one candidate watching `site`; its validation and site metrics (nothing else is read)."
     import pandas as pd
     from xray_fastai.evaluate import evaluate
-    rows, res = [], {}
-    for name in a.only or CANDIDATES:
-        kw = CANDIDATES[name]
-        run = runs/f"{name}-seed{a.seed}"
-        m = _train(run, kw, a.seed, a.epochs)
-        h = pd.read_csv(run/'history.csv')
-        vb = h.iloc[int(h.valid_loss.idxmin())]  # the epoch validation would pick
-        out = dict(settings=kw, wall=m['wall_seconds'], epochs=len(h), best_epoch=m['best_epoch'],
-                   val_best=dict(epoch=int(vb.epoch), valid_loss=vb.valid_loss, accuracy=vb.accuracy, roc_auc=vb.roc_auc_score,
-                                 site_roc_auc=vb.site_roc_auc_score, site_accuracy=vb.site_accuracy,
-                                 site_specificity=vb.site_specificity),
-                   last=dict(site_roc_auc=h.site_roc_auc_score.iloc[-1], site_accuracy=h.site_accuracy.iloc[-1]))
-        for tta in (False, True):  # the exported model (best site AUC epoch) on A, at 0.5 and at A's Youden threshold
-            e = evaluate(run, source=str(SITE_A), tta=tta, threshold_on=str(SITE_A), threshold_rule=RULE)
-            out['tta' if tta else 'plain'] = dict(auc=e['default']['roc_auc'], acc=e['default']['accuracy'],
-                                                  spec=e['default']['specificity'], thr=e['chosen']['threshold'],
-                                                  acc_thr=e['chosen']['accuracy'], spec_thr=e['chosen']['specificity'],
-                                                  recall_thr=e['chosen']['recall'], valid_loss=e['valid']['loss'],
-                                                  valid_auc=e['valid']['roc_auc'])
-        res[name] = out
-        p, t, v = out['plain'], out['tta'], out['val_best']
-        rows.append(f"| {name} | {out['wall']:.0f} s | {v['epoch'] + 1}: {_f(v['valid_loss'])} / {_f(v['roc_auc'])} / "
-                    f"{_f(v['site_roc_auc'])} | {out['best_epoch'] + 1}/{out['epochs']} | {_f(p['valid_auc'])} | {_f(p['auc'])} | "
-                    f"{_f(p['acc'])} | {_f(p['spec'])} | {p['thr']:.3g}: {_f(p['acc_thr'])} / {_f(p['spec_thr'])} | "
-                    f"{_f(t['auc'])} | {t['thr']:.3g}: {_f(t['acc_thr'])} / {_f(t['spec_thr'])} |")
+    load0, t0 = os.getloadavg()[0], time.perf_counter()
+    m = _train(run, kw, seed, epochs, source, site)
+    h = pd.read_csv(run/'history.csv')
+    vb = h.iloc[int(h.valid_loss.idxmin())]  # the epoch validation would pick
+    kb = h.iloc[int(m['best_epoch'])]  # the kept epoch (best site AUC)
+    out = dict(settings=kw, seed=seed, wall=m['wall_seconds'], load_at_start=load0, epochs=len(h), best_epoch=m['best_epoch'],
+               val_best=dict(epoch=int(vb.epoch), valid_loss=vb.valid_loss, accuracy=vb.accuracy, roc_auc=vb.roc_auc_score,
+                             site_roc_auc=vb.site_roc_auc_score, site_accuracy=vb.site_accuracy,
+                             site_specificity=vb.site_specificity),
+               kept=dict(valid_loss=kb.valid_loss, valid_accuracy=kb.accuracy, valid_roc_auc=kb.roc_auc_score),
+               last=dict(site_roc_auc=h.site_roc_auc_score.iloc[-1], site_accuracy=h.site_accuracy.iloc[-1]))
+    for tta in (False, True):  # the exported model (best site AUC epoch) on the site, at 0.5 and at the site's Youden threshold
+        e = evaluate(run, source=str(site), tta=tta, threshold_on=str(site), threshold_rule=RULE)
+        out['tta' if tta else 'plain'] = dict(auc=e['default']['roc_auc'], acc=e['default']['accuracy'],
+                                              spec=e['default']['specificity'], recall=e['default']['recall'],
+                                              thr=e['chosen']['threshold'],
+                                              acc_thr=e['chosen']['accuracy'], spec_thr=e['chosen']['specificity'],
+                                              recall_thr=e['chosen']['recall'], valid_loss=e['valid']['loss'],
+                                              valid_auc=e['valid']['roc_auc'])
+    if adabn:  # label-free: BatchNorm statistics re-estimated on the site images themselves; threshold 0.5
+        e = evaluate(run, source=str(site), adabn='same')
+        out['adabn'] = dict(auc=e['default']['roc_auc'], acc=e['default']['accuracy'], spec=e['default']['specificity'],
+                            recall=e['default']['recall'])
+    out['eval_wall'] = time.perf_counter() - t0 - out['wall']
+    return out
+
+
+SCREEN_HEAD = ["| candidate | seed | train wall (load at start) | best-val-loss epoch: val loss / val AUC / A AUC | kept (best-A-AUC) epoch | "
+               "val AUC (kept) | A AUC | A acc / spec @0.5 | A Youden thr: A acc / spec / recall | TTA: A AUC | "
+               "TTA: thr: A acc / spec / recall | AdaBN: A AUC / acc / spec @0.5 |",
+               "| --- | ---: | ---: | --- | ---: | ---: | ---: | --- | --- | ---: | --- | --- |"]
+
+def _screen_row(name, out) -> str:
+    p, t, v, ab = out['plain'], out['tta'], out['val_best'], out.get('adabn')
+    return (f"| {name} | {out['seed']} | {out['wall']:.0f} s ({out.get('load_at_start', float('nan')):.1f}) | {v['epoch'] + 1}: "
+            f"{_f(v['valid_loss'])} / {_f(v['roc_auc'])} / {_f(v['site_roc_auc'])} | {out['best_epoch'] + 1}/{out['epochs']} | "
+            f"{_f(p['valid_auc'])} | {_f(p['auc'])} | {_f(p['acc'])} / {_f(p['spec'])} | "
+            f"{p['thr']:.3g}: {_f(p['acc_thr'])} / {_f(p['spec_thr'])} / {_f(p.get('recall_thr'))} | {_f(t['auc'])} | "
+            f"{t['thr']:.3g}: {_f(t['acc_thr'])} / {_f(t['spec_thr'])} / {_f(t.get('recall_thr'))} | "
+            + (f"{_f(ab['auc'])} / {_f(ab['acc'])} / {_f(ab['spec'])} |" if ab else "- |"))
+
+
+def screen(a, runs):
+    "Every candidate of --only (default: ROUND2) with --seed: validation and site A only. Results merge into the JSON."
+    rows, res = [], _load_json(REPO/'bench'/'generalisation-screen.json')
+    for name in a.only or ROUND2:
+        out = _screen_one(runs/f"{name}-seed{a.seed}", CANDIDATES[name], a.seed, a.epochs)
+        res.setdefault(name, {})[str(a.seed)] = out
+        rows.append(_screen_row(name, out))
         print(rows[-1], flush=True)
-    head = ["| candidate | train wall | best-val-loss epoch: val loss / val AUC / A AUC | best-A-AUC epoch | val AUC | "
-            "A AUC | A acc @0.5 | A spec @0.5 | A Youden thr: A acc / spec | TTA: A AUC | TTA: thr: A acc / spec |",
-            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- |"]
-    return head + rows, res
+        if not a.no_record: _save_json(res, REPO/'bench'/'generalisation-screen.json')  # partial results survive a stop
+    return SCREEN_HEAD + rows, res
+
+
+def _load_json(path):
+    return json.loads(Path(path).read_text()) if Path(path).is_file() else {}
+
+def _save_json(res, path): Path(path).write_text(json.dumps(res, indent=1, default=str) + '\n')
+
+
+# The choice rule (fixed 2026-12-02, before any round-2 candidate was trained; bench/GENERALISATION.md):
+# 1. every (candidate, evaluation) pair, evaluation = plain or TTA, scored by its mean over the seeds of:
+#    A ROC AUC at the kept epoch, and A accuracy at A's Youden threshold;
+# 2. eligible: A AUC within TOL (0.01, about the AUC's standard error on 312 images) of the best pair's;
+# 3. among the eligible, the cheapest: fewest training epochs, then plain before TTA;
+# 4. among those, the highest A accuracy at A's Youden threshold; the incumbent (short-gentle, plain) is kept
+#    unless the challenger beats it by at least one image of A (1/312).
+# Seeds: stage 1 ranks every candidate on seed 42 (the ranking is the rule's order); the incumbent and the best two
+# others (by that order) get seed 43; stage 2 applies the rule to the candidates with both seeds (means over 42, 43).
+TOL, N_A = 0.01, 312
+
+def rule(res, seeds, cands=None, incumbent=INCUMBENT):
+    "The rule above over the candidates of `res` that have every seed of `seeds`: (choice, ordered pairs, scores)."
+    cands, vs = cands or CANDIDATES, {}
+    for name, by in res.items():
+        if name not in cands or not all(str(s) in by for s in seeds): continue
+        for ev in ('plain', 'tta'):
+            rs = [by[str(s)][ev] for s in seeds]
+            vs[(name, ev)] = dict(auc=statistics.mean(r['auc'] for r in rs), acc_thr=statistics.mean(r['acc_thr'] for r in rs),
+                                  spec_thr=statistics.mean(r['spec_thr'] for r in rs),
+                                  recall_thr=statistics.mean(r['recall_thr'] for r in rs),
+                                  cost=(cands[name]['epochs'], ev == 'tta'))
+    best = max(v['auc'] for v in vs.values())
+    elig = {k for k, v in vs.items() if v['auc'] >= best - TOL}
+    order = sorted(vs, key=lambda k: (k not in elig, vs[k]['cost'], -vs[k]['acc_thr']))
+    top, inc = order[0], (incumbent, 'plain')
+    if inc in elig and vs[inc]['cost'] == vs[top]['cost'] and vs[top]['acc_thr'] - vs[inc]['acc_thr'] < 1 / N_A - 1e-9:
+        top = inc
+    return top, order, vs, best
+
+
+def choose(a, runs):
+    "Apply the rule to bench/generalisation-screen.json: stage 1 on --seeds[0], stage 2 on every seed of --seeds."
+    k = a.set == 'kermany'
+    res = _load_json(REPO/'bench'/f"generalisation-{'kermany' if k else 'screen'}.json")
+    site, incumbent = (KSITE, 'kermany-recipe') if k else (SITE_A, INCUMBENT)
+    top, order, vs, best = rule(res, a.seeds, KERMANY if k else CANDIDATES, incumbent)
+    rows = [f"Rule over seeds {a.seeds} (best mean A AUC {best:.4f}; eligible from {best - TOL:.4f}):", "",
+            "| rank | candidate | evaluation | epochs | mean A AUC | eligible | mean A acc / spec / recall at A's Youden threshold |",
+            "| ---: | --- | --- | ---: | ---: | --- | --- |"]
+    for i, k in enumerate(order):
+        v = vs[k]
+        rows.append(f"| {i + 1} | {k[0]} | {k[1]} | {v['cost'][0]} | {v['auc']:.4f} | {'yes' if v['auc'] >= best - TOL else 'no'} | "
+                    f"{v['acc_thr']:.4f} / {v['spec_thr']:.4f} / {v['recall_thr']:.4f} |")
+    # reported beside the rule, not part of it: the ensemble of the seeds' runs on A (not for kermany: its validation
+    # split is carved by --seed, and `ensemble` needs members validated on the same split)
+    if len(a.seeds) > 1 and not k:
+        from xray_fastai.evaluate import ensemble
+        rows += ["", f"Ensembles of the seeds' runs (mean probabilities; reported, not part of the rule), on A:", "",
+                 "| candidate | evaluation | A AUC | A acc / spec / recall at A's Youden threshold |", "| --- | --- | ---: | --- |"]
+        for name in dict.fromkeys(k[0] for k in order):
+            for tta in (False, True):
+                e = ensemble([runs/f"{name}-seed{s}" for s in a.seeds], runs/f"ensemble-{name}-{'tta' if tta else 'plain'}",
+                             source=str(site), tta=tta, threshold_on=str(site), threshold_rule=RULE)
+                ch = e['chosen']
+                rows.append(f"| {name} | {'tta' if tta else 'plain'} | {_f(e['default']['roc_auc'])} | {_f(ch['accuracy'])} / "
+                            f"{_f(ch['specificity'])} / {_f(ch['recall'])} |")
+    rows += ["", f"Chosen by the rule: **{top[0]}, {top[1]}**" + (" (the incumbent: nothing beats it by the rule)"
+                                                                  if top == (incumbent, 'plain') else "")]
+    return rows, dict(seeds=a.seeds, chosen=list(top), order=[list(k) for k in order],
+                      scores={f"{k[0]}|{k[1]}": v for k, v in vs.items()})
 
 
 def stock_fastai(seed:int, epochs:int=5) -> dict:
@@ -170,13 +278,42 @@ def final(a, runs):
     return rows, res
 
 
+# `--recipe kermany` re-chosen on its site sample (full-size folder pipeline at 64 px; half B at 224 px is held back,
+# so kermany is reported on validation and A only). Validation is carved from chest_xray_224's train split (its own
+# val split has 16 images).
+KDATA, KSITE = DATA/'chest_xray_224', DATA/'chest_xray_224_site_A'
+KBASE = dict(arch='resnet18', pretrained=False, size=64, epochs=10, bs=128, lr=1e-2, cache=True)  # RECIPES['kermany'] now
+KERMANY = {
+    'kermany-recipe': KBASE,
+    'kermany-short-gentle': {**KBASE, 'epochs': 5, 'bs': 64, 'lr': 3e-3},
+    'kermany-5ep': {**KBASE, 'epochs': 5},
+    'kermany-short-gentle-flips': {**KBASE, 'epochs': 5, 'bs': 64, 'lr': 3e-3, 'aug_kwargs': dict(do_flip=True)},
+    'kermany-sg+class-weights': {**KBASE, 'epochs': 5, 'bs': 64, 'lr': 3e-3, 'class_weights': True},
+}
+
+def kermany(a, runs):
+    "The kermany candidates (--only, default all) with --seed, on chest_xray_224 watching chest_xray_224_site_A."
+    rows, res = [], _load_json(REPO/'bench'/'generalisation-kermany.json')
+    for name in a.only or KERMANY:
+        out = _screen_one(runs/f"{name}-seed{a.seed}", KERMANY[name], a.seed, a.epochs, KDATA, KSITE)
+        res.setdefault(name, {})[str(a.seed)] = out
+        rows.append(_screen_row(name, out) + f" {out['kept']['valid_accuracy']:.4f} |")
+        print(rows[-1], flush=True)
+        if not a.no_record: _save_json(res, REPO/'bench'/'generalisation-kermany.json')
+    head = [SCREEN_HEAD[0].replace('A AUC', 'A224 AUC') + " val acc (kept) |", SCREEN_HEAD[1] + " ---: |"]
+    return head + rows, res
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('mode', choices=['screen', 'final'])
-    p.add_argument('--only', nargs='+', choices=list(CANDIDATES), help="screen: only these candidates")
-    p.add_argument('--seed', type=int, default=42, help="screen: the seed")
+    p.add_argument('mode', choices=['screen', 'choose', 'final', 'kermany'])
+    p.add_argument('--only', nargs='+', choices=[*CANDIDATES, *KERMANY], help="screen, kermany: only these candidates")
+    p.add_argument('--seed', type=int, default=42, help="screen, kermany: the seed")
+    p.add_argument('--set', choices=['pneumoniamnist', 'kermany'], default='pneumoniamnist', help="choose: which screen")
     p.add_argument('--candidate', choices=list(CANDIDATES), help="final: the candidate chosen on A")
-    p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2], help="final: the seeds")
+    p.add_argument('--seeds', type=int, nargs='+', default=None, help="final: the seeds (default 0 1 2); choose: the "
+                   "seeds every compared candidate must have (default 42)")
+    p.add_argument('--threads', type=int, default=1, help="screen, kermany: torch threads (one core stays free)")
     p.add_argument('--tta', action='store_true', help="final: evaluate with test-time augmentation")
     p.add_argument('--epochs', type=int, default=None, help="override the epochs (smoke runs)")
     p.add_argument('--stock-epochs', type=int, default=5)
@@ -185,10 +322,14 @@ def main(argv=None):
     p.add_argument('--no-record', action='store_true')
     a = p.parse_args(argv)
     if a.mode == 'final' and not a.candidate: p.error("final needs --candidate (the one chosen on A)")
+    if a.seeds is None: a.seeds = [42] if a.mode == 'choose' else [0, 1, 2]
+    import torch; torch.set_num_threads(a.threads)
     from throughput import machine
     started, load0 = datetime.datetime.now(), os.getloadavg()
     runs = Path(a.runs or REPO/'bench'/'runs'/f"generalisation-{a.mode}")
-    rows, res = (screen if a.mode == 'screen' else final)(a, runs)
+    if a.mode == "choose":
+        runs = Path(a.runs or REPO/"bench"/"runs"/f"generalisation-{'kermany' if a.set == 'kermany' else 'screen'}")
+    rows, res = dict(screen=screen, choose=choose, final=final, kermany=kermany)[a.mode](a, runs)
     m = machine()
     cmd = 'python bench/generalisation.py' + ''.join(f' {o}' for o in (argv if argv is not None else sys.argv[1:]))
     text = '\n'.join([f"\n### {started:%Y-%m-%d %H:%M} — `{a.mode}`\n",
@@ -198,7 +339,7 @@ def main(argv=None):
     print(text)
     if not a.no_record:
         with open(REPO/'bench'/'GENERALISATION.md', 'a') as f: f.write(text + '\n')
-        (REPO/'bench'/f"generalisation-{a.mode}.json").write_text(json.dumps(res, indent=1, default=str) + '\n')
+        (REPO/'bench'/f"generalisation-{a.mode}{'-kermany' if a.mode == 'choose' and a.set == 'kermany' else ''}.json").write_text(json.dumps(res, indent=1, default=str) + '\n')
 
 
 if __name__ == '__main__': main()
