@@ -93,8 +93,9 @@ def test_frozen_random_body_warns():
 
 def test_recipe_settings_are_overridden_and_recorded():
     c = RunConfig.from_recipe('pneumoniamnist', epochs=2, aug_kwargs={'max_rotate': 3})
-    assert (c.recipe, c.arch, c.epochs, c.lr, c.aug_kwargs) == ('pneumoniamnist', RECIPES['pneumoniamnist']['arch'], 2,
-                                                                 RECIPES['pneumoniamnist']['lr'], {'max_rotate': 3})
+    r = RECIPES['pneumoniamnist']
+    assert (c.recipe, c.arch, c.epochs, c.lr) == ('pneumoniamnist', r['arch'], 2, r['lr'])
+    assert c.aug_kwargs == {**r.get('aug_kwargs', {}), 'max_rotate': 3}  # the recipe's augmentation settings, merged
 
 
 def _params(command:str) -> dict:
