@@ -267,7 +267,7 @@ SiteOpt = Annotated[Optional[str], typer.Option('--site', metavar='SOURCE', show
 # %% ../nbs/07_cli.ipynb #8b1b9300
 PrecisionOpt = Annotated[str, typer.Option('--precision', metavar='auto|fp32|bf16|fp16',
     help="autocast precision; weights and files stay float32. auto: bf16 on GPUs that support it and on CPUs with native "
-         "bf16 (avx512_bf16/AMX) from 224 px (smaller images train faster in fp32 there), else fp32. fp16: GPUs only")]
+         "bf16 (avx512_bf16/AMX) from 64 px (at 28 px bf16 trains no faster there), else fp32. fp16: GPUs only")]
 
 # %% ../nbs/07_cli.ipynb #7a1c0e14
 KeepCheckpointsOpt = Annotated[bool, typer.Option('--keep-checkpoints',

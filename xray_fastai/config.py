@@ -142,8 +142,9 @@ RECIPES = dict(
     pneumoniamnist=dict(source='pneumoniamnist', arch='resnet18', pretrained=False, epochs=5, bs=64, lr=3e-3,
                         aug_kwargs=dict(do_flip=True)),
     # full-size images in folders (--source FOLDER), resized once (presize cache) to 64 px: chosen on
-    # chest_xray_224_site_A and validation (bench/GENERALISATION.md, kermany)
-    kermany=dict(arch='resnet18', pretrained=False, size=64, epochs=5, bs=64, lr=3e-3, cache=True),
+    # chest_xray_224_site_A and validation (bench/GENERALISATION.md, kermany); float32, as chosen: in bf16 its A AUC
+    # fell outside float32's seed spread (bench/RESULTS.md), so `--precision bf16` is the user's call
+    kermany=dict(arch='resnet18', pretrained=False, size=64, epochs=5, bs=64, lr=3e-3, cache=True, precision='fp32'),
 )
 
 # %% ../nbs/00a_config.ipynb #1a3f37c4

@@ -25,7 +25,7 @@ __all__ = ['PRECISIONS', 'CPU_BF16_FLAGS', 'CPU_BF16_MIN_SIZE', 'CPU_CHANNELS_LA
 # %% ../nbs/02b_precision.ipynb #4ae702ff
 PRECISIONS = ('auto', 'fp32', 'bf16', 'fp16')
 CPU_BF16_FLAGS = ('avx512_bf16', 'amx_bf16')
-CPU_BF16_MIN_SIZE = 224  # px: below it bf16 autocast trained slower than float32 on the CPU (bench/RESULTS.md)
+CPU_BF16_MIN_SIZE = 64  # px: from 64 px bf16 trained 1.3-1.6x faster end to end on the CPU; at 28 px no faster (bench/RESULTS.md)
 CPU_CHANNELS_LAST_MIN_SIZE = 64  # px: channels_last was 1.15-1.7x faster at 64-224 px, 0.9-1.05x at 28 px on the CPU
 
 def cpu_has_bf16(cpuinfo='/proc/cpuinfo', # where the CPU flags are listed (Linux)
