@@ -108,14 +108,13 @@ def _params(command:str) -> dict:
 @pytest.mark.parametrize('command', ['train', 'experiment', 'lr-find', 'tune'])
 def test_run_options_are_declared_once(command):
     "Every command's run options are `RUN_OPTIONS`' own: the same flags, help and `RunConfig` defaults."
-    import typer.main
-    train = _params('train')
-    params = _params(command)
-    shared = [k for k in RUN_OPTIONS if (k if k not in ('aug_kwargs', 'verify') else {'aug_kwargs': 'aug_param', 'verify': 'no_verify'}[k]) in params]
+    from xray_fastai.cli import _param
+    train, params = _params('train'), _params(command)
+    shared = [k for k in RUN_OPTIONS if _param(k) in params]
     assert {'source', 'bs', 'seed', 'precision', 'aug_kwargs', 'verify'} <= set(shared)
     defaults = RunConfig.__dataclass_fields__
     for k in shared:
-        name = {'aug_kwargs': 'aug_param', 'verify': 'no_verify'}.get(k, k)
+        name = _param(k)
         p = params[name]
         if command == 'tune' and k == 'monitor': continue  # tune's --monitor is its objective, with its own help
         assert (p.opts, p.help) == (train[name].opts, train[name].help)
@@ -125,7 +124,6 @@ def test_run_options_are_declared_once(command):
 
 def test_every_setting_given_on_the_command_line_reaches_the_run(tmp_path, mini_npz):
     "`train`'s options map to `RunConfig` settings (the CLI's names and forms converted)."
-    from xray_fastai import cli
     seen = {}
     import xray_fastai.learner as learner
     orig = learner.train
