@@ -122,17 +122,14 @@ def test_run_options_are_declared_once(command):
         if name == k: assert p.default == defaults[k].default, k
 
 
-def test_every_setting_given_on_the_command_line_reaches_the_run(tmp_path, mini_npz):
+def test_every_setting_given_on_the_command_line_reaches_the_run(mini_npz, monkeypatch):
     "`train`'s options map to `RunConfig` settings (the CLI's names and forms converted)."
-    seen = {}
     import xray_fastai.learner as learner
-    orig = learner.train
+    seen = {}
     def fake_train(config=None, out=None, cbs=None, **settings): seen.update(settings); raise XrayError('stop here')
-    learner.train = fake_train
-    try:
-        r = CliRunner().invoke(app, ['train', '-s', str(mini_npz), '--aug-param', 'max_rotate=3', '--no-verify', '--bs', '16',
-                                     '--keep-checkpoints', '--checkpoint-every', '5'])
-    finally: learner.train = orig
+    monkeypatch.setattr(learner, 'train', fake_train)
+    r = CliRunner().invoke(app, ['train', '-s', str(mini_npz), '--aug-param', 'max_rotate=3', '--no-verify', '--bs', '16',
+                                 '--keep-checkpoints', '--checkpoint-every', '5'])
     assert isinstance(r.exception, XrayError)
     assert (seen['aug_kwargs'], seen['verify'], seen['bs'], seen['keep_checkpoints'], seen['checkpoint_every']) == \
            ({'max_rotate': 3.0}, False, 16, True, 5)
