@@ -62,3 +62,42 @@ def test_cli_data_verify_remembers_in_the_data_folder(shared_data, tmp_path, run
         assert r.returncode == 0, r.stderr
     cache, = (tmp_path/'home'/'checks').glob('checks-*.json')
     assert len(json.loads(cache.read_text())['checks']) == 8
+
+@pytest.fixture
+def decoded(monkeypatch):
+    "Count the files `open_xray` decodes (the check, the presize cache and `train_stats` all go through it)."
+    calls, orig = [], xd.open_xray
+    monkeypatch.setattr(xd, 'open_xray', lambda fn, **kw: calls.append(str(fn)) or orig(fn, **kw))
+    return calls
+
+def test_presize_cache_start_decodes_each_file_once(shared_data, tmp_path, monkeypatch, decoded):
+    root = copy_class_folders(shared_data, tmp_path/'data', 8)
+    monkeypatch.setenv('XRAY_FASTAI_CHECKS', str(tmp_path/'checks'))
+    cache, stats = tmp_path/'presize', ([0.5], [0.25])
+    src = load_source(root, cache=cache, item_size=xd.item_size(28, 32))
+    assert sorted(decoded) == sorted(map(str, root.rglob('*.jpeg')))  # checked and presized in one decode each
+    decoded.clear()
+    dls = xd.xray_dataloaders(src, size=28, presize=32, bs=4, stats=stats, cache=cache, num_workers=0)
+    assert decoded == [] and len(list(cache.glob('*.npy'))) == 1  # the check's cache is the pipeline's
+    x, _ = dls.one_batch()
+    assert x.shape == (4, 1, 28, 28) and decoded == []
+    load_source(root, cache=cache, item_size=32)  # a second start: verdicts and cache remembered
+    assert decoded == []
+
+def test_presize_cache_check_lists_unreadable_files(shared_data, tmp_path, monkeypatch, decoded):
+    root = copy_class_folders(shared_data, tmp_path/'data', 8)
+    monkeypatch.setenv('XRAY_FASTAI_CHECKS', str(tmp_path/'checks'))
+    bad = root/'NORMAL'/'zz-bad.jpeg'; bad.write_bytes(b'not a jpeg')
+    with pytest.warns(UserWarning, match='skipping 1 unreadable'):
+        src = load_source(root, cache=tmp_path/'presize', item_size=32)
+    assert len(decoded) == 17 and src.skipped == [(str(bad), xd.check_image(bad))]  # what the plain check says
+    assert str(bad) not in set(src.df.item)
+
+def test_train_with_cache_decodes_each_file_once(shared_data, tmp_path, monkeypatch, decoded):
+    from xray_fastai.learner import train
+    root = copy_class_folders(shared_data, tmp_path/'data', 8)
+    monkeypatch.setenv('XRAY_FASTAI_CHECKS', str(tmp_path/'checks'))
+    train(out=tmp_path/'run', source=str(root), arch='resnet18', pretrained=False, size=28, epochs=1, bs=4,
+          stats=[[0.5], [0.25]], cache=str(tmp_path/'presize'))  # fixed stats: `train_stats` would decode a sample
+    assert sorted(decoded) == sorted(map(str, root.rglob('*.jpeg')))
+    assert len(list((tmp_path/'presize').glob('*-32px-*.npy'))) == 1  # at the item size the pipeline reads

@@ -21,7 +21,7 @@ from .core import *
 __all__ = ['CLASSES', 'POSITIVE', 'IMAGE_EXTS', 'GREY_IMAGENET_STATS', 'MEDMNIST_URL', 'PNEUMONIAMNIST_MD5', 'CHECKS_VERSION',
            'XRAY_AUG', 'AUG_FIXED', 'PRESIZE_CACHE_VERSION', 'pneumoniamnist_fname', 'download', 'open_xray',
            'check_image', 'XrayImage', 'check_cache_dir', 'check_images', 'patient_id', 'read_csv_table', 'XraySource',
-           'source_id', 'load_source', 'describe', 'ArrayReader', 'presize_cache_path', 'presize_cache',
+           'source_id', 'load_source', 'describe', 'ArrayReader', 'presize_cache_path', 'item_size', 'presize_cache',
            'PresizedReader', 'train_stats', 'xray_dataloaders', 'xray_test_dl']
 
 # %% ../nbs/01_data.ipynb #cd335cac
@@ -152,6 +152,21 @@ def _read_checks(path) -> dict:
     ok = isinstance(d, dict) and d.get('version') == CHECKS_VERSION and isinstance(d.get('checks'), dict)
     return {k: v for k, v in d['checks'].items() if isinstance(v, list) and len(v) == 3} if ok else {}
 
+def _file_stats(paths) -> dict:
+    "`{path: [size, mtime_ns]}` of the `paths` that exist."
+    stats = {}
+    for p in paths:
+        with suppress(OSError): st = os.stat(p); stats[p] = [st.st_size, st.st_mtime_ns]
+    return stats
+
+def _remember_checks(paths:list, stats:dict, why:dict, folder, known:dict=None):
+    "Add the verdicts `why` of files still as `stats` saw them to `paths`' verdicts file in `folder`."
+    cache = _checks_file(paths, folder)
+    known = _read_checks(cache) if known is None else known
+    known.update({p: [*stats[p], w] for p, w in why.items() if p in stats})  # a deleted file is not remembered
+    with suppress(OSError):  # a cache folder that cannot be written: nothing is remembered
+        with atomic_path(cache) as tmp: tmp.write_text(json.dumps(dict(version=CHECKS_VERSION, checks=known)))
+
 def check_images(files, # image paths
                  folder=None, # where verdicts are remembered (`check_cache_dir()`); None: nowhere
                  num_workers:int=None, # checking threads (default: the cores, at most 8)
@@ -159,20 +174,15 @@ def check_images(files, # image paths
     "`{path: why}` for the files of `files` that cannot be read, checked in threads; verdicts remembered in `folder`."
     files = [str(f) for f in files]
     paths = [os.path.abspath(f) for f in files]
-    stats = {}
-    for p in paths:
-        with suppress(OSError): st = os.stat(p); stats[p] = [st.st_size, st.st_mtime_ns]
-    cache = _checks_file(paths, folder) if folder else None
-    known = _read_checks(cache) if cache else {}
+    stats = _file_stats(paths)
+    known = _read_checks(_checks_file(paths, folder)) if folder else {}
     why = {p: known[p][2] for p in paths if p in stats and known.get(p, [None])[:2] == stats[p]}
     todo = list(dict.fromkeys(p for p in paths if p not in why))
     if todo:
         with ThreadPoolExecutor(min(defaults.cpus, 8) if num_workers is None else num_workers) as pool:  # PIL decodes without the GIL
-            why.update(zip(todo, pool.map(check_image, todo)))
-        if cache:  # remembered for files still as they were when checked (a deleted file is not)
-            known.update({p: [*stats[p], why[p]] for p in todo if p in stats})
-            with suppress(OSError):  # a cache folder that cannot be written: nothing is remembered
-                with atomic_path(cache) as tmp: tmp.write_text(json.dumps(dict(version=CHECKS_VERSION, checks=known)))
+            new = dict(zip(todo, pool.map(check_image, todo)))
+        why.update(new)
+        if folder: _remember_checks(paths, stats, new, folder, known)
     return {f: why[p] for f, p in zip(files, paths) if why[p]}
 
 # %% ../nbs/01_data.ipynb #5bb751e4
@@ -300,6 +310,8 @@ def load_source(source:str|Path='pneumoniamnist', # `pneumoniamnist[:size]`, an 
                 min_valid_per_class:int=50, # a val split smaller than this for any class gets replaced by a carved one
                 seed:int=42, # seed of the carved split
                 for_training:bool=True, # False: a source only evaluated on (no training split needed, nothing carved)
+                cache:bool|str|Path=False, # the presize cache `xray_dataloaders` will use: the check then presizes in the same decode
+                item_size:int=None, # with `cache`: the size it holds (`item_size`)
                ) -> XraySource:
     "Read `source` into an `XraySource` with train/valid/test splits."
     check(0 < valid_pct <= 0.5, f"--valid-pct must be in (0, 0.5], got {valid_pct}")
@@ -314,7 +326,10 @@ def load_source(source:str|Path='pneumoniamnist', # `pneumoniamnist[:size]`, an 
         df = _read_csv(path) if path.suffix.lower() == '.csv' else _read_folder(path)
         check(len(df), f"no images found in {path}")
         if verify:
-            bad = list(check_images(df.item, check_cache_dir(data_dir)).items())
+            files, store = list(dict.fromkeys(df.item)), check_cache_dir(data_dir)
+            if cache and item_size and store:  # one decode presizes and checks; `check_images` then reads the verdicts
+                presize_cache(files, item_size, None if cache is True else cache, path.name, checks=store)
+            bad = list(check_images(files, store).items())
             if bad:
                 skipped = bad
                 shown = '; '.join(f"{f} ({why})" for f, why in bad[:3])
@@ -395,12 +410,25 @@ def presize_cache_path(files, # image paths, in row order
     files_id, name = hashlib.sha1('\n'.join(paths).encode()).hexdigest()[:8], re.sub(r'[^\w.]', '_', name)
     return Path(folder)/f"{name}-{files_id}-{size}px-{h.hexdigest()[:16]}.npy"
 
-def _presize(f, size:int) -> np.ndarray:
-    "`f` decoded at reduced scale and squished to `size` px by the pipeline's own `Resize`."
+def _decode_presized(f, size:int) -> tuple:
+    "`(image, None)`: `f` decoded at reduced scale and squished to `size` px by the pipeline's own `Resize`; or `(None, why)`."
     try: im = XrayImage(open_xray(f, draft=size))
-    except Exception as e: raise XrayError(f"cannot read {f} ({type(e).__name__}: {e}); "
-                                          "check the source with `xray-fastai data verify`") from None
-    return np.asarray(Resize(size, ResizeMethod.Squish)(im, split_idx=1))
+    except Exception as e: return None, f"{type(e).__name__}: {e}".splitlines()[0][:200]  # as `check_image` says it
+    return np.asarray(Resize(size, ResizeMethod.Squish)(im, split_idx=1)), None
+
+def _presize(f, size:int) -> np.ndarray:
+    "`f` presized to `size` px; an unreadable file is an error."
+    im, why = _decode_presized(f, size)
+    if why: raise XrayError(f"cannot read {f} ({why}); check the source with `xray-fastai data verify`")
+    return im
+
+# %% ../nbs/01_data.ipynb #395c1654
+def item_size(size:int, # the size fed to the model
+              presize:int=None, # the item resize before batch augmentation (default: 1.15x `size`)
+              aug:bool=True, # batch augmentation
+             ) -> int:
+    "The size (px) `xray_dataloaders` reads items at, and a presize cache holds: `presize` with batch augmentation, else `size`."
+    return (presize or round(size * 1.15)) if aug else size
 
 # %% ../nbs/01_data.ipynb #e42c5bba
 def _damaged_cache(path, n:int, size:int) -> str|None:
@@ -420,9 +448,12 @@ def presize_cache(files, # image paths, in row order
                   folder=None, # cache folder (default: `data_dir()/'presize'`)
                   name:str='images', # the source's name, for a readable file name
                   num_workers:int=None, # decoding threads (default: the cores, at most 8)
+                  checks=None, # a `check_images` verdicts folder: an unreadable file is then no error, but a blank row and a verdict there
                  ) -> Path:
     "Path of the `(n, size, size)` uint8 `.npy` of `files` presized to `size` px, built (once) if needed."
     folder = Path(folder) if folder else _cache_dir(None)/'presize'
+    paths = [os.path.abspath(f) for f in files]
+    stats = _file_stats(paths) if checks else None  # before decoding: a file changed meanwhile is checked again later
     path = presize_cache_path(files, size, folder, name)
     if path.exists():
         if (why := _damaged_cache(path, len(files), size)) is None: return path
@@ -434,9 +465,13 @@ def presize_cache(files, # image paths, in row order
         arr = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.uint8, shape=(len(files), size, size))
         # the file is sparse: claim its blocks now, as a full disk would kill the writes into the map (SIGBUS)
         with open(tmp, 'r+b') as f: os.posix_fallocate(f.fileno(), 0, os.path.getsize(tmp))
+        why = {}
         with ThreadPoolExecutor(min(defaults.cpus, 8) if num_workers is None else num_workers) as pool:  # PIL decodes without the GIL
-            for i, im in enumerate(pool.map(_presize, files, size=size)): arr[i] = im
+            for i, (im, why[paths[i]]) in enumerate(pool.map(_decode_presized, files, size=size)):
+                if im is not None: arr[i] = im
+                elif not checks: raise XrayError(f"cannot read {files[i]} ({why[paths[i]]}); check the source with `xray-fastai data verify`")
         arr.flush(); del arr
+        if checks: _remember_checks(paths, stats, why, checks)
     for old in folder.glob(path.name.rsplit('-', 1)[0] + '-*.npy'):  # the same files at the same size, changed since
         if old != path: old.unlink(missing_ok=True)
     return path
@@ -484,15 +519,15 @@ def xray_dataloaders(src:XraySource, # the dataset
     "fastai `DataLoaders` of grey `(bs, 1, size, size)` batches for the train/valid splits of `src`."
     check(size >= 16, f"--size must be at least 16 px, got {size}")
     check(bs > 0, f"--bs must be positive, got {bs}")
-    presize = presize or (round(size * 1.15) if aug else size)
+    presize = presize or item_size(size, aug=aug)
     stats = stats or (GREY_IMAGENET_STATS if pretrained else train_stats(src))
     item_tfms = [] if src.images is not None and src.images.shape[1] == presize else [Resize(presize, ResizeMethod.Squish)]
     batch_tfms = [*aug_transforms(size=size, **{**XRAY_AUG, **kwargs})] if aug else []
     if not aug and presize != size: item_tfms = [Resize(size, ResizeMethod.Squish)]
     get_x = _get_x(src)
     if cache and src.images is None:  # every split, so that test DataLoaders read the cache too
-        files, item_size = list(dict.fromkeys(src.df.item)), presize if aug else size
-        get_x = PresizedReader(presize_cache(files, item_size, None if cache is True else cache, src.name), files, item_size)
+        files, isize = list(dict.fromkeys(src.df.item)), item_size(size, presize, aug)
+        get_x = PresizedReader(presize_cache(files, isize, None if cache is True else cache, src.name), files, isize)
         item_tfms = []  # the reader gives every item at its item size already
     df = src.df[src.df.split != 'test'].assign(is_valid=lambda d: d.split == 'valid')
     dblock = DataBlock(blocks=(ImageBlock(XrayImage), CategoryBlock(vocab=src.classes)),
