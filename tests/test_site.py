@@ -149,3 +149,20 @@ def test_site_under_ddp(run_cli, mini_npz, shared_data, tmp_path):
     assert hist[list(SITE_METRICS)].notna().all().all()
     sums = {p.read_text() for p in ck.glob('rank*.sha256')}
     assert len(list(ck.glob('rank*.sha256'))) == 2 and len(sums) == 1
+
+
+def test_add_train_adds_the_sample_to_training_only(mini_npz, shared_data, tmp_path):
+    "`add_train`: the sample's images join the training split only; the run evaluates on its data; it cannot be the watched site."
+    from xray_fastai.core import ConfigError
+    from xray_fastai.data import load_source
+    from xray_fastai.evaluate import evaluate
+    site = shared_data/'pneumoniamnist_site_A'
+    run = train(out=tmp_path/'run', add_train=str(site), epochs=1, **_kw(mini_npz))
+    c, base = RunConfig.load(run), load_source(mini_npz, verify=False, seed=0).counts()
+    assert c.add_train == str(site)
+    assert c.counts['train'] == {'NORMAL': base['train']['NORMAL'] + 117, 'PNEUMONIA': base['train']['PNEUMONIA'] + 195}
+    assert c.counts['valid'] == base['valid']
+    e = evaluate(run)  # its own data, the sample added again: the counts match the run's
+    assert 0.5 < e['default']['roc_auc'] <= 1
+    with pytest.raises(ConfigError, match='no longer measure an unseen site'):
+        RunConfig(source=str(mini_npz), site=str(site), add_train=str(site))

@@ -22,14 +22,14 @@ __all__ = ['SourceArg', 'SourceOpt', 'DatasetArg', 'DataDirOpt', 'MirrorOpt', 'N
            'DebugOpt', 'app', 'data_app', 'ArchOpt', 'FrozenOpt', 'PretrainedOpt', 'WeightsOpt', 'BsOpt', 'SizeOpt',
            'AugOpt', 'AugParamOpt', 'LrMethodOpt', 'ClassWeightsOpt', 'WorkersOpt', 'CacheOpt', 'EpochsOpt', 'LrOpt',
            'LrMultOpt', 'FreezeEpochsOpt', 'MonitorOpt', 'PatienceOpt', 'WdOpt', 'MixupOpt', 'RecipeOpt', 'SiteOpt',
-           'PrecisionOpt', 'KeepCheckpointsOpt', 'TrackOpt', 'TrackModelOpt', 'CheckpointEveryOpt', 'SyncBnOpt',
-           'RUN_OPTIONS', 'RunDirArg', 'RunDirsArg', 'EvalSourceOpt', 'SplitOpt', 'TargetRecallOpt', 'TtaOpt',
-           'ThresholdOnOpt', 'ThresholdRuleOpt', 'AdabnOpt', 'PriorCorrectionOpt', 'ModelArg', 'PredictPathsArg',
-           'PredsOutOpt', 'GradcamOpt', 'CamClassOpt', 'CamLayerOpt', 'EngineOpt', 'OverwriteOpt', 'FastDecodeOpt',
-           'typer_factory', 'examples', 'debugging', 'main', 'data_download', 'format_info', 'data_info', 'data_verify',
-           'flag', 'as_flags', 'run_options', 'run_settings', 'train_cmd', 'lr_find_cmd', 'evaluate_cmd',
-           'ensemble_cmd', 'compare_cmd', 'experiment_cmd', 'tune_cmd', 'predict_cmd', 'shift_cmd', 'export_cmd',
-           'serve_cmd']
+           'AddTrainOpt', 'PrecisionOpt', 'KeepCheckpointsOpt', 'TrackOpt', 'TrackModelOpt', 'CheckpointEveryOpt',
+           'SyncBnOpt', 'RUN_OPTIONS', 'RunDirArg', 'RunDirsArg', 'EvalSourceOpt', 'SplitOpt', 'TargetRecallOpt',
+           'TtaOpt', 'ThresholdOnOpt', 'ThresholdRuleOpt', 'AdabnOpt', 'PriorCorrectionOpt', 'ModelArg',
+           'PredictPathsArg', 'PredsOutOpt', 'GradcamOpt', 'CamClassOpt', 'CamLayerOpt', 'EngineOpt', 'OverwriteOpt',
+           'FastDecodeOpt', 'typer_factory', 'examples', 'debugging', 'main', 'data_download', 'format_info',
+           'data_info', 'data_verify', 'flag', 'as_flags', 'run_options', 'run_settings', 'train_cmd', 'lr_find_cmd',
+           'evaluate_cmd', 'ensemble_cmd', 'compare_cmd', 'experiment_cmd', 'tune_cmd', 'predict_cmd', 'shift_cmd',
+           'export_cmd', 'serve_cmd']
 
 # %% ../nbs/07_cli.ipynb #542c9318
 def typer_factory(help:str, # what the app or group is for
@@ -263,6 +263,9 @@ SiteOpt = Annotated[Optional[str], typer.Option('--site', metavar='SOURCE', show
     help="a labelled sample of the deployment site (a folder of class folders, a CSV...), predicted after every epoch "
          "and never trained on: history.csv gets site_loss, site_accuracy, site_recall_score, site_specificity and "
          "site_roc_auc_score, and --monitor site_... picks the best epoch and stops early on them")]
+AddTrainOpt = Annotated[Optional[str], typer.Option('--add-train', metavar='SOURCE', show_default=False,
+    help="also train on every image of this labelled source (e.g. a site's labelled sample), after the validation split "
+         "is made; it then no longer measures an unseen site, so report such runs apart")]
 
 # %% ../nbs/07_cli.ipynb #8b1b9300
 PrecisionOpt = Annotated[str, typer.Option('--precision', metavar='auto|fp32|bf16|fp16',
@@ -285,7 +288,7 @@ SyncBnOpt = Annotated[bool, typer.Option('--sync-bn', help="distributed on GPUs:
 RUN_OPTIONS = dict(  # the `RunConfig` settings the command line gives, each declared once: setting -> its option
     recipe=RecipeOpt, source=SourceOpt, arch=ArchOpt, frozen=FrozenOpt, epochs=EpochsOpt, lr=LrOpt, lr_mult=LrMultOpt,
     lr_method=LrMethodOpt, freeze_epochs=FreezeEpochsOpt, bs=BsOpt, size=SizeOpt, aug=AugOpt, aug_kwargs=AugParamOpt,
-    mixup=MixupOpt, pretrained=PretrainedOpt, weights=WeightsOpt, monitor=MonitorOpt, site=SiteOpt, patience=PatienceOpt,
+    mixup=MixupOpt, pretrained=PretrainedOpt, weights=WeightsOpt, monitor=MonitorOpt, site=SiteOpt, add_train=AddTrainOpt, patience=PatienceOpt,
     class_weights=ClassWeightsOpt, wd=WdOpt, cache=CacheOpt, seed=SeedOpt, data_dir=DataDirOpt, valid_pct=ValidPctOpt,
     verify=NoVerifyOpt, num_workers=WorkersOpt, precision=PrecisionOpt, checkpoint_every=CheckpointEveryOpt,
     sync_bn=SyncBnOpt, keep_checkpoints=KeepCheckpointsOpt)

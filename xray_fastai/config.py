@@ -49,6 +49,7 @@ class RunConfig:
     weights:str=None # a local state_dict: ImageNet weights, or with `pretrained=False` an earlier model
     monitor:str='valid_loss' # the metric that picks the best epoch (and stops early); `site_*` with `site`
     site:str=None # a labelled sample of the deployment site, predicted every epoch (`site_*` columns); never trained on
+    add_train:str=None # a labelled source whose every image is added to the training split (e.g. a site sample): report such runs apart
     patience:int=None # stop after this many epochs without improvement (default: never)
     class_weights:bool=False # weight the loss by inverse class frequency
     wd:float=None # weight decay (default: fastai's)
@@ -86,6 +87,7 @@ class RunConfig:
         self.source = source_id(self.source)
         self.weights = _abs_path(self.weights) if self.weights else None
         self.site = source_id(self.site) if self.site else None
+        self.add_train = source_id(self.add_train) if self.add_train else None
         self.data_dir = _abs_path(self.data_dir) if self.data_dir else None
         if self.cache is True and self.data_dir: self.cache = Path(self.data_dir)/'presize'  # with the datasets
         if self.cache not in (True, False): self.cache = _abs_path(self.cache)
@@ -119,6 +121,8 @@ def check(self:RunConfig):
     check_setting(self.lr_method in LR_METHODS, f"unknown `lr_method` {self.lr_method!r}: use one of {', '.join(LR_METHODS)}")
     check_setting(self.monitor in MONITORS, f"unknown `monitor` {self.monitor!r}: use one of {', '.join(MONITORS)}")
     check_setting(self.site or self.monitor not in SITE_METRICS, f"`monitor` {self.monitor} needs a site sample: give `site`")
+    check_setting(not self.site or self.site != self.add_train, "`add_train` trains on the `site` sample, so its metrics "
+                  "would no longer measure an unseen site: watch another sample, or none")
     check_setting(self.patience is None or self.patience > 0, f"`patience` must be positive, got {self.patience}")
     check_setting(self.mixup >= 0, f"`mixup` must be 0 (off) or a positive Beta alpha, got {self.mixup}")
     check_setting(0 < self.valid_pct <= 0.5, f"`valid_pct` must be in (0, 0.5], got {self.valid_pct}")

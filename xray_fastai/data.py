@@ -22,7 +22,7 @@ __all__ = ['CLASSES', 'POSITIVE', 'IMAGE_EXTS', 'GREY_IMAGENET_STATS', 'MEDMNIST
            'XRAY_AUG', 'AUG_FIXED', 'PRESIZE_CACHE_VERSION', 'pneumoniamnist_fname', 'download', 'open_xray',
            'check_image', 'XrayImage', 'check_cache_dir', 'check_images', 'patient_id', 'read_csv_table', 'XraySource',
            'source_id', 'load_source', 'describe', 'ArrayReader', 'presize_cache_path', 'item_size', 'presize_cache',
-           'PresizedReader', 'train_stats', 'xray_dataloaders', 'xray_test_dl']
+           'PresizedReader', 'train_stats', 'xray_dataloaders', 'xray_test_dl', 'add_training_images']
 
 # %% ../nbs/01_data.ipynb #cd335cac
 CLASSES = ['NORMAL', 'PNEUMONIA']
@@ -548,3 +548,18 @@ def xray_test_dl(dls:DataLoaders, src:XraySource=None, split:str='test', **kwarg
     items = src.items(split)
     check(len(items), f"{src.name} has no {split} split")
     return dls.test_dl(items, with_labels=True, **kwargs)
+
+# %% ../nbs/01_data.ipynb #40d8931e
+def add_training_images(src:XraySource, # the training source, its splits made
+                        extra:XraySource, # a labelled source (e.g. a site sample): all its images go to training
+                       ) -> XraySource:
+    "`src` with every image of `extra` added to its training split (to an array source, presized to its size)."
+    check(extra.classes == src.classes, f"{extra.name} has classes {extra.classes}, {src.name} {src.classes}: they must match")
+    rows, images = extra.df.assign(split='train', orig_split='added'), src.images
+    if images is not None:  # the files become rows of the array
+        if extra.images is not None: check(extra.images.shape[1:] == images.shape[1:], f"{extra.name}'s images are "
+                                           f"{extra.images.shape[1]} px, {src.name}'s {images.shape[1]}: add files, or the same size")
+        new = extra.images[rows.item.values] if extra.images is not None else np.stack([_presize(f, images.shape[1]) for f in rows.item])
+        rows, images = rows.assign(item=range(len(images), len(images) + len(rows))), np.concatenate([images, new])
+    else: check(extra.images is None, f"{extra.name} is an array (.npz): it can be added to another array source only")
+    return XraySource(src.name, pd.concat([src.df, rows], ignore_index=True), images, [*src.skipped, *extra.skipped], src.valid_origin)

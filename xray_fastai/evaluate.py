@@ -16,7 +16,7 @@ from .core import *
 from .data import *
 from .data import _split_names
 from .config import RunConfig, run_mode
-from .runs import load_exported, check_unchanged_source
+from .runs import load_exported, check_unchanged_source, run_source
 from .learner import xray_learner
 
 # %% auto #0
@@ -91,10 +91,6 @@ def _run_config(run_dir:Path) -> RunConfig:
           f"{run_dir} has no model.safetensors: the run did not finish (resume it, then evaluate)")
     return RunConfig.load(run_dir)
 
-def _run_source(c:RunConfig, data_dir=None) -> XraySource:
-    "The run's source, with the validation split the run used."
-    return load_source(c.source, data_dir=data_dir or c.data_dir, verify=c.verify,
-                       valid_pct=c.valid_pct, seed=c.seed)
 
 # %% ../nbs/04_evaluate.ipynb #eaa90e76
 def eval_learner(run_dir, # a run folder written by `train`
@@ -105,7 +101,7 @@ def eval_learner(run_dir, # a run folder written by `train`
     "A fastai `Learner` with the run's data pipeline and deployable weights; its config is `learn.config`."
     run_dir = Path(run_dir)
     c = _run_config(run_dir)
-    src = src or _run_source(c, data_dir=data_dir)
+    src = src or run_source(c, data_dir)
     check(src.classes == c.classes, f"{src.name} has classes {src.classes}; the run was trained on {c.classes}")
     dls = xray_dataloaders(src, size=c.size, bs=c.bs, aug=c.aug, presize=c.presize, stats=c.stats,
                            num_workers=c.num_workers, seed=c.seed, cache=c.cache,
@@ -243,7 +239,7 @@ def _checked_source(c:RunConfig, split:str, target_recall:float, source=None, da
     "The run's own source (its validation split picks the threshold) and another `source` to evaluate, or None."
     check(0 < target_recall <= 1, f"--target-recall must be in (0, 1], got {target_recall}")
     other = source is not None and source_id(source) != source_id(c.source)
-    try: own = _run_source(c, data_dir=None if other else data_dir)
+    try: own = run_source(c, None if other else data_dir)
     except XrayError as e: raise XrayError(f"{e} (the run's own data: its validation split picks the threshold)") from None
     if c.counts is not None: check_unchanged_source(c, own)
     if other: return own, _external_source(c, source, split, data_dir)

@@ -100,8 +100,7 @@ def feature_learner(learn:Learner, bs:int=None) -> Learner:
 # %% ../nbs/03d_learner.ipynb #5198871f
 def _build(c:RunConfig, path:Path) -> Learner:
     "Source, DataLoaders and Learner for run config `c`, recording in `c` what the data and the device resolved."
-    src = load_source(c.source, data_dir=c.data_dir, verify=c.verify, valid_pct=c.valid_pct, seed=c.seed,
-                      cache=c.cache, item_size=item_size(c.size or 224, c.presize, c.aug))
+    src = run_source(c, cache=c.cache, item_size=item_size(c.size or 224, c.presize, c.aug))
     if c.counts is not None: check_unchanged_source(c, src)  # resuming: on the data the run started with
     if c.size is None: c.size = int(src.images.shape[1]) if src.images is not None else 224
     set_seed(c.seed, reproducible=True)

@@ -19,7 +19,8 @@ from .reliability import *
 from .config import RunConfig
 
 # %% auto #0
-__all__ = ['MODEL_META_KEYS', 'new_run_dir', 'export_model', 'load_model_dir', 'load_exported', 'check_unchanged_source']
+__all__ = ['MODEL_META_KEYS', 'new_run_dir', 'export_model', 'load_model_dir', 'load_exported', 'run_source',
+           'check_unchanged_source']
 
 # %% ../nbs/03c_runs.ipynb #b80641b6
 def new_run_dir(out=None, arch:str='resnet34', mode:str='finetune', root='runs',
@@ -90,6 +91,16 @@ def load_exported(model, path, arch:str):
     return model
 
 # %% ../nbs/03c_runs.ipynb #f5bea435
+def run_source(c:RunConfig, # a run's config
+               data_dir=None, # where named datasets are (default: the run's `data_dir`)
+               **kwargs # more `load_source` arguments
+              ) -> XraySource:
+    "The data of run config `c`: its source, with the run's validation split, and `add_train`'s images in training."
+    dd = data_dir or c.data_dir
+    src = load_source(c.source, data_dir=dd, verify=c.verify, valid_pct=c.valid_pct, seed=c.seed, **kwargs)
+    if c.add_train: src = add_training_images(src, load_source(c.add_train, data_dir=dd, verify=c.verify, for_training=False))
+    return src
+
 def check_unchanged_source(c:RunConfig, src:XraySource):
     "`src` still holds as many train and valid images per class as when run config `c` was made."
     have, had = src.counts(), c.counts

@@ -16,7 +16,8 @@ from .core import *
 from .data import *
 from .data import _class_dirs
 from .config import RunConfig
-from .evaluate import binary_metrics, eval_learner, _run_config, _run_source, _external_source, _split_name
+from .evaluate import binary_metrics, eval_learner, _run_config, _external_source, _split_name
+from .runs import run_source
 
 # %% auto #0
 __all__ = ['ImageBatches', 'image_batches', 'bn_layers', 'adabn', 'em_prior', 'train_prior', 'adapted_name', 'adapt_learner',
@@ -376,7 +377,7 @@ def shift_report(run_dir, # a run folder written by `train`
     c = _run_config(run_dir)
     out = check_out_dir(out, 'report folder')
     pos = c.classes.index(c.positive)
-    learn = eval_learner(run_dir, _run_source(c, data_dir))
+    learn = eval_learner(run_dir, run_source(c, data_dir))
     vo = model_outputs(learn.model, learn.dls.valid, c.stats)
     so, name, items, skipped = _site_outputs(learn, c, source, split, unlabelled, data_dir, bs)
     labelled = so['targets'] is not None
