@@ -6,6 +6,7 @@
     python bench/generalisation.py final --candidate NAME --workers 1   # the chosen one, 3 seeds, on half B + stock fastai on B
     python bench/generalisation.py screen --seed 42 --only f-5ep f-8ep f-12ep f-64px   # round 3 (and seeds 43, 44)
     python bench/generalisation.py choose --set round3 --seeds 42 43 44   # round 3's rule
+    python bench/generalisation.py site-trained --candidate NAME   # reported apart: NAME trained on train + all of A, on B
     python bench/generalisation.py kermany                     # RECIPES['kermany'] and alternatives: validation + chest_xray_224_site_A
     python bench/generalisation.py screen --epochs 1 --only recipe --no-record   # smoke run
 
@@ -297,6 +298,36 @@ def final(a, runs):
     return rows, res
 
 
+def _site_trained_seed(name, seed, runs, epochs=None):
+    "One seed of `name` trained on PneumoniaMNIST's train split plus all of site A (`add_train`), evaluated on B."
+    import torch; torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', 1)))
+    from xray_fastai.learner import train
+    from xray_fastai.core import load_json
+    from xray_fastai.evaluate import evaluate
+    run = runs/f"{name}+A-seed{seed}"
+    if not (run/'model.safetensors').is_file():  # A is trained on: validation (default monitor) keeps the epoch
+        train(out=run, source=str(NPZ), verify=False, seed=seed, add_train=str(SITE_A), **{**CANDIDATES[name], **({'epochs': epochs} if epochs else {})})
+    m, e = load_json(run/'metrics.json'), evaluate(run, source=str(SITE_B))
+    return dict(run=str(run), wall=m['wall_seconds'], best_epoch=m['best_epoch'], default=e['default'], chosen=e['chosen'])
+
+
+def site_trained(a, runs):
+    "Reported apart: the candidate trained on train + all of site A (`--add-train`), seeds 0 1 2, evaluated once on B."
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(a.workers, mp_context=mp.get_context('spawn')) as pool:
+        fs = {s: pool.submit(_site_trained_seed, a.candidate, s, runs, a.epochs) for s in a.seeds}
+        S = {s: f.result() for s, f in fs.items()}
+    g = lambda key, k: _ms([S[s][key][k] for s in a.seeds])
+    rows = ["| on half B (312 images) | ACC | AUC | specificity | recall | threshold |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for key, what in (('default', 'threshold 0.5'), ('chosen', 'threshold chosen on validation (recall 0.95)')):
+        rows.append(f"| `{a.candidate}` + `--add-train` A, {len(S)} seeds, {what} | {g(key, 'accuracy')} | {g(key, 'roc_auc')} | "
+                    f"{g(key, 'specificity')} | {g(key, 'recall')} | {g(key, 'threshold')} |")
+    rows += ['', '| seed | train wall | kept epoch (by valid loss) |', '| ---: | ---: | ---: |']
+    rows += [f"| {s} | {S[s]['wall']:.0f} s | {S[s]['best_epoch'] + 1} |" for s in a.seeds]
+    return rows, dict(candidate=a.candidate, settings=CANDIDATES[a.candidate], seeds=S)
+
+
 # `--recipe kermany` re-chosen on its site sample (full-size folder pipeline at 64 px; half B at 224 px is held back,
 # so kermany is reported on validation and A only). Validation is carved from chest_xray_224's train split (its own
 # val split has 16 images).
@@ -325,23 +356,23 @@ def kermany(a, runs):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('mode', choices=['screen', 'choose', 'final', 'kermany'])
+    p.add_argument('mode', choices=['screen', 'choose', 'final', 'site-trained', 'kermany'])
     p.add_argument('--only', nargs='+', choices=[*CANDIDATES, *KERMANY], help="screen, kermany: only these candidates")
     p.add_argument('--seed', type=int, default=42, help="screen, kermany: the seed")
     p.add_argument('--set', choices=['pneumoniamnist', 'round3', 'kermany'], default='pneumoniamnist',
                    help="choose: which screen and rule (round3: ROUND3, seeds 42 43 44, TOL3)")
-    p.add_argument('--candidate', choices=list(CANDIDATES), help="final: the candidate chosen on A")
+    p.add_argument('--candidate', choices=list(CANDIDATES), help="final, site-trained: the candidate chosen on A")
     p.add_argument('--seeds', type=int, nargs='+', default=None, help="final: the seeds (default 0 1 2); choose: the "
                    "seeds every compared candidate must have (default 42)")
     p.add_argument('--threads', type=int, default=1, help="screen, kermany: torch threads (one core stays free)")
     p.add_argument('--tta', action='store_true', help="final: evaluate with test-time augmentation")
     p.add_argument('--epochs', type=int, default=None, help="override the epochs (smoke runs)")
     p.add_argument('--stock-epochs', type=int, default=5)
-    p.add_argument('--workers', type=int, default=3, help="final: trainings at a time (one thread each)")
+    p.add_argument('--workers', type=int, default=3, help="final, site-trained: trainings at a time (one thread each)")
     p.add_argument('--runs', default=None, help="folder for the runs (default: bench/runs/generalisation-<mode>)")
     p.add_argument('--no-record', action='store_true')
     a = p.parse_args(argv)
-    if a.mode == 'final' and not a.candidate: p.error("final needs --candidate (the one chosen on A)")
+    if a.mode in ('final', 'site-trained') and not a.candidate: p.error(f"{a.mode} needs --candidate (the one chosen on A)")
     if a.seeds is None: a.seeds = [42] if a.mode == 'choose' else [0, 1, 2]
     import torch; torch.set_num_threads(a.threads)
     from throughput import machine
@@ -349,7 +380,7 @@ def main(argv=None):
     runs = Path(a.runs or REPO/'bench'/'runs'/f"generalisation-{a.mode}")
     if a.mode == "choose":
         runs = Path(a.runs or REPO/"bench"/"runs"/f"generalisation-{'kermany' if a.set == 'kermany' else 'screen'}")
-    rows, res = dict(screen=screen, choose=choose, final=final, kermany=kermany)[a.mode](a, runs)
+    rows, res = dict(screen=screen, choose=choose, final=final, kermany=kermany, **{'site-trained': site_trained})[a.mode](a, runs)
     m = machine()
     cmd = 'python bench/generalisation.py' + ''.join(f' {o}' for o in (argv if argv is not None else sys.argv[1:]))
     text = '\n'.join([f"\n### {started:%Y-%m-%d %H:%M} — `{a.mode}`\n",
