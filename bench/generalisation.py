@@ -191,9 +191,9 @@ def choose(a, runs):
     rows = [f"Rule over seeds {a.seeds} (best mean A AUC {best:.4f}; eligible from {best - tol:.4f}):", "",
             "| rank | candidate | evaluation | cost (epochs x (size/28)^2) | mean A AUC | eligible | mean A acc / spec / recall at A's Youden threshold |",
             "| ---: | --- | --- | ---: | ---: | --- | --- |"]
-    for i, k in enumerate(order):
-        v = vs[k]
-        rows.append(f"| {i + 1} | {k[0]} | {k[1]} | {v['cost'][0]:.3g} | {v['auc']:.4f} | {'yes' if v['auc'] >= best - tol else 'no'} | "
+    for i, pair in enumerate(order):
+        v = vs[pair]
+        rows.append(f"| {i + 1} | {pair[0]} | {pair[1]} | {v['cost'][0]:.3g} | {v['auc']:.4f} | {'yes' if v['auc'] >= best - tol else 'no'} | "
                     f"{v['acc_thr']:.4f} / {v['spec_thr']:.4f} / {v['recall_thr']:.4f} |")
     # reported beside the rule, not part of it: the ensemble of the seeds' runs on A (not for kermany: its validation
     # split is carved by --seed, and `ensemble` needs members validated on the same split)
@@ -201,7 +201,7 @@ def choose(a, runs):
         from xray_fastai.evaluate import ensemble
         rows += ["", f"Ensembles of the seeds' runs (mean probabilities; reported, not part of the rule), on A:", "",
                  "| candidate | evaluation | A AUC | A acc / spec / recall at A's Youden threshold |", "| --- | --- | ---: | --- |"]
-        for name in dict.fromkeys(k[0] for k in order):
+        for name in dict.fromkeys(pair[0] for pair in order):
             for tta in (False, True):
                 e = ensemble([runs/f"{name}-seed{s}" for s in a.seeds], runs/f"ensemble-{name}-{'tta' if tta else 'plain'}",
                              source=str(site), tta=tta, threshold_on=str(site), threshold_rule=RULE)
