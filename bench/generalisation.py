@@ -152,7 +152,7 @@ def _save_json(res, path): Path(path).write_text(json.dumps(res, indent=1, defau
 # others (by that order) get seed 43; stage 2 applies the rule to the candidates with both seeds (means over 42, 43).
 TOL, N_A = 0.01, 312
 
-# Round 3's rule (fixed 2026-12-02 18:30, before any round-3 run; bench/GENERALISATION.md "Round 3"): the same rule
+# Round 3's rule (committed 2026-12-02 18:13, before any round-3 run; bench/GENERALISATION.md "Round 3"): the same rule
 # with TOL3 = 0.003 instead of 0.01 (the seed-to-seed standard deviation of A's AUC was 0.004-0.007 in round 2, so
 # 0.003 is about the standard error of a mean over 3 seeds), over ROUND3 with seeds 42, 43 and 44 at once (no
 # stages), the plain evaluation only (TTA lowered A's AUC in 8 of round 2's 10 runs), and the cost counting pixels
@@ -354,6 +354,12 @@ def kermany(a, runs):
     return head + rows, res
 
 
+def _json_suffix(a) -> str:
+    "What tells one recorded JSON of a mode from another: the rule set of `choose`, the candidate of `final` and `site-trained`."
+    if a.mode == 'choose': return '' if a.set == 'pneumoniamnist' else f"-{a.set}"
+    return f"-{a.candidate}" if a.mode in ('final', 'site-trained') else ''
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('mode', choices=['screen', 'choose', 'final', 'site-trained', 'kermany'])
@@ -390,7 +396,7 @@ def main(argv=None):
     print(text)
     if not a.no_record:
         with open(REPO/'bench'/'GENERALISATION.md', 'a') as f: f.write(text + '\n')
-        (REPO/'bench'/f"generalisation-{a.mode}{'-' + a.set if a.mode == 'choose' and a.set != 'pneumoniamnist' else ''}.json").write_text(json.dumps(res, indent=1, default=str) + '\n')
+        (REPO/'bench'/f"generalisation-{a.mode}{_json_suffix(a)}.json").write_text(json.dumps(res, indent=1, default=str) + '\n')
 
 
 if __name__ == '__main__': main()
