@@ -343,7 +343,7 @@ def _train(track:str=None, track_model:bool=False, **kwargs):
 
 # %% ../nbs/07_cli.ipynb #423b2d76
 @app.command('train', epilog=examples(
-    'train --recipe pneumoniamnist   # the measured recipe from scratch on a CPU (bench/ACCURACY.md)',
+    'train --recipe pneumoniamnist   # the measured recipe from scratch on a CPU (bench/GENERALISATION.md)',
     'train --arch resnet34 --frozen --no-pretrained --epochs 2',
     'train --arch mobilenet_v2 --lr 1e-4 --lr-mult 10 --freeze-epochs 1 --epochs 5   # the seed report\'s 1e-4 head ... 1e-5 stem',
     'train -s ../chest_xray --size 224 --lr auto --patience 3 --class-weights',
