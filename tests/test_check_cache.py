@@ -1,5 +1,6 @@
 "Image-check cache (issue 17): verdicts remembered by path, size and mtime; a changed file or a damaged cache is checked again."
 import json, os, shutil, time
+from pathlib import Path
 import numpy as np, pytest
 from PIL import Image
 import xray_fastai.data as xd
@@ -101,3 +102,13 @@ def test_train_with_cache_decodes_each_file_once(shared_data, tmp_path, monkeypa
           stats=[[0.5], [0.25]], cache=str(tmp_path/'presize'))  # fixed stats: `train_stats` would decode a sample
     assert sorted(decoded) == sorted(map(str, root.rglob('*.jpeg')))
     assert len(list((tmp_path/'presize').glob('*-32px-*.npy'))) == 1  # at the item size the pipeline reads
+
+def test_long_lists_are_checked_in_processes_with_the_same_verdicts(shared_data, tmp_path):
+    real = sorted((shared_data/'chest_xray_224'/'train'/'NORMAL').glob('*.jpeg'))[:50]
+    (tmp_path/'x').mkdir()
+    files = []
+    for i in range(1200):  # links: 1,200 files without copying any
+        f = tmp_path/'x'/f"{i:04d}.jpeg"; f.symlink_to(real[i % len(real)]); files.append(str(f))
+    for i in (7, 700): Path(files[i]).unlink(); Path(files[i]).write_bytes(b'not a jpeg')
+    one, many = check_images(files, num_workers=1), check_images(files, num_workers=2)
+    assert list(one) == list(many) == [files[7], files[700]] and one == many
