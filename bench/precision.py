@@ -218,7 +218,7 @@ def report(a, mach, R, started, load0, load1, wall) -> str:
                  if gain > 0 else "no gain: never pays off"), '']
     if 'startup' in R:
         L += ['Start-up (`load_source` of a folder of N links to real 224 px JPEGs; wall seconds, CPU seconds of the process in brackets):', '',
-              '| images | scan, no check | old check: 1 thread, every start | first start (scan + check in threads) | second start | its check alone | '
+              '| images | scan, no check | old check: 1 thread, every start | first start (scan + check) | second start | its check alone | '
               'first start with --cache: check, then presize | the same, one decode for both |',
               '| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
         nan = float('nan')

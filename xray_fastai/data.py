@@ -466,8 +466,6 @@ def presize_cache(files, # image paths, in row order
                  ) -> Path:
     "Path of the `(n, size, size)` uint8 `.npy` of `files` presized to `size` px, built (once) if needed."
     folder = Path(folder) if folder else _cache_dir(None)/'presize'
-    paths = [os.path.abspath(f) for f in files]
-    stats = _file_stats(paths) if checks else None  # before decoding: a file changed meanwhile is checked again later
     path = presize_cache_path(files, size, folder, name)
     if path.exists():
         if (why := _damaged_cache(path, len(files), size)) is None: return path
@@ -479,7 +477,8 @@ def presize_cache(files, # image paths, in row order
         arr = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.uint8, shape=(len(files), size, size))
         # the file is sparse: claim its blocks now, as a full disk would kill the writes into the map (SIGBUS)
         with open(tmp, 'r+b') as f: os.posix_fallocate(f.fileno(), 0, os.path.getsize(tmp))
-        why = {}
+        paths, why = [os.path.abspath(f) for f in files], {}
+        stats = _file_stats(paths) if checks else None  # before decoding: a file changed meanwhile is checked again later
         with ThreadPoolExecutor(min(defaults.cpus, 8) if num_workers is None else num_workers) as pool:  # PIL decodes without the GIL
             for i, (im, why[paths[i]]) in enumerate(pool.map(_decode_presized, files, size=size)):
                 if im is not None: arr[i] = im
