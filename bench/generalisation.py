@@ -6,6 +6,8 @@
     python bench/generalisation.py final --candidate NAME --workers 1   # the chosen one, 3 seeds, on half B + stock fastai on B
     python bench/generalisation.py screen --seed 42 --only f-5ep f-8ep f-12ep f-64px   # round 3 (and seeds 43, 44)
     python bench/generalisation.py choose --set round3 --seeds 42 43 44   # round 3's rule
+    python bench/generalisation.py screen --seed 42 --only f8+mixup f8+class-weights f8-resnet34   # round 4 (and 43, 44)
+    python bench/generalisation.py choose --set round4 --seeds 42 43 44 --no-ensembles   # round 4's rule
     python bench/generalisation.py site-trained --candidate NAME   # reported apart: NAME trained on train + all of A, on B
     python bench/generalisation.py kermany                     # RECIPES['kermany'] and alternatives: validation + chest_xray_224_site_A
     python bench/generalisation.py screen --epochs 1 --only recipe --no-record   # smoke run
@@ -59,6 +61,11 @@ SGF = {**SG, 'aug_kwargs': dict(do_flip=True)}
 CANDIDATES.update({'f-5ep': SGF, 'f-8ep': {**SGF, 'epochs': 8}, 'f-12ep': {**SGF, 'epochs': 12},
                    'f-64px': {**SGF, 'size': 64, 'precision': 'fp32'}})
 ROUND3, INCUMBENT3, SEEDS3, TOL3 = ['f-5ep', 'f-8ep', 'f-12ep', 'f-64px'], 'f-5ep', [42, 43, 44], 0.003
+# round 4: the levers left on top of `f-8ep` (RECIPES['pneumoniamnist'] now): mixup, class weights, a larger backbone
+F8 = CANDIDATES['f-8ep']
+CANDIDATES.update({'f8+mixup': {**F8, 'mixup': 0.4}, 'f8+class-weights': {**F8, 'class_weights': True},
+                   'f8-resnet34': {**F8, 'arch': 'resnet34'}})
+ROUND4, INCUMBENT4, SEEDS4, TOL4 = ['f-8ep', 'f8+mixup', 'f8+class-weights', 'f8-resnet34'], 'f-8ep', [42, 43, 44], 0.003
 MONITOR = 'site_roc_auc_score'  # every run keeps the epoch with the best ROC AUC on site A
 RULE = 'youden'  # the threshold rule on A (max balanced accuracy there)
 
@@ -157,7 +164,10 @@ TOL, N_A = 0.01, 312
 # 0.003 is about the standard error of a mean over 3 seeds), over ROUND3 with seeds 42, 43 and 44 at once (no
 # stages), the plain evaluation only (TTA lowered A's AUC in 8 of round 2's 10 runs), and the cost counting pixels
 # too (epochs x (size/28)^2: 5, 8, 12 and 26 for f-64px); the incumbent is `f-5ep` (= RECIPES['pneumoniamnist']).
-def _cost(kw): return kw['epochs'] * (kw.get('size', 28) / 28) ** 2
+# Round 4's rule (committed 2026-12-03, before any round-4 run): round 3's, over ROUND4 (the incumbent `f-8ep`'s
+# seeds 42-44 are round 3's runs), with the cost also counting the backbone's compute (resnet34 ~2x resnet18's FLOPs).
+ARCH_COST = {'resnet18': 1, 'resnet34': 2}
+def _cost(kw): return kw['epochs'] * (kw.get('size', 28) / 28) ** 2 * ARCH_COST.get(kw.get('arch'), 1)
 
 def rule(res, seeds, cands=None, incumbent=INCUMBENT, tol=TOL, evals=('plain', 'tta')):
     "The rule above over the candidates of `res` that have every seed of `seeds`: (choice, ordered pairs, scores)."
@@ -184,12 +194,14 @@ def choose(a, runs):
     k = a.set == 'kermany'
     res = _load_json(REPO/'bench'/f"generalisation-{'kermany' if k else 'screen'}.json")
     site, incumbent = (KSITE, 'kermany-recipe') if k else (SITE_A, INCUMBENT)
-    r3 = a.set == 'round3'
-    if r3: res, incumbent = {n: res[n] for n in ROUND3 if n in res}, INCUMBENT3
+    r3 = a.set in ('round3', 'round4')
+    if r3:
+        names, incumbent = (ROUND3, INCUMBENT3) if a.set == 'round3' else (ROUND4, INCUMBENT4)
+        res = {n: res[n] for n in names if n in res}
     tol = TOL3 if r3 else TOL
     top, order, vs, best = rule(res, a.seeds, KERMANY if k else CANDIDATES, incumbent, tol, ('plain',) if r3 else ('plain', 'tta'))
     rows = [f"Rule over seeds {a.seeds} (best mean A AUC {best:.4f}; eligible from {best - tol:.4f}):", "",
-            "| rank | candidate | evaluation | cost (epochs x (size/28)^2) | mean A AUC | eligible | mean A acc / spec / recall at A's Youden threshold |",
+            "| rank | candidate | evaluation | cost (epochs x (size/28)^2 x backbone) | mean A AUC | eligible | mean A acc / spec / recall at A's Youden threshold |",
             "| ---: | --- | --- | ---: | ---: | --- | --- |"]
     for i, pair in enumerate(order):
         v = vs[pair]
@@ -197,7 +209,7 @@ def choose(a, runs):
                     f"{v['acc_thr']:.4f} / {v['spec_thr']:.4f} / {v['recall_thr']:.4f} |")
     # reported beside the rule, not part of it: the ensemble of the seeds' runs on A (not for kermany: its validation
     # split is carved by --seed, and `ensemble` needs members validated on the same split)
-    if len(a.seeds) > 1 and not k:
+    if len(a.seeds) > 1 and not k and not a.no_ensembles:
         from xray_fastai.evaluate import ensemble
         rows += ["", f"Ensembles of the seeds' runs (mean probabilities; reported, not part of the rule), on A:", "",
                  "| candidate | evaluation | A AUC | A acc / spec / recall at A's Youden threshold |", "| --- | --- | ---: | --- |"]
@@ -365,8 +377,9 @@ def main(argv=None):
     p.add_argument('mode', choices=['screen', 'choose', 'final', 'site-trained', 'kermany'])
     p.add_argument('--only', nargs='+', choices=[*CANDIDATES, *KERMANY], help="screen, kermany: only these candidates")
     p.add_argument('--seed', type=int, default=42, help="screen, kermany: the seed")
-    p.add_argument('--set', choices=['pneumoniamnist', 'round3', 'kermany'], default='pneumoniamnist',
-                   help="choose: which screen and rule (round3: ROUND3, seeds 42 43 44, TOL3)")
+    p.add_argument('--set', choices=['pneumoniamnist', 'round3', 'round4', 'kermany'], default='pneumoniamnist',
+                   help="choose: which screen and rule (round3, round4: ROUND3 / ROUND4, seeds 42 43 44, TOL3)")
+    p.add_argument('--no-ensembles', action='store_true', help="choose: skip the seed ensembles (their runs are gone)")
     p.add_argument('--candidate', choices=list(CANDIDATES), help="final, site-trained: the candidate chosen on A")
     p.add_argument('--seeds', type=int, nargs='+', default=None, help="final: the seeds (default 0 1 2); choose: the "
                    "seeds every compared candidate must have (default 42)")
