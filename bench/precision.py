@@ -203,11 +203,11 @@ def report(a, mach, R, started, load0, load1, wall) -> str:
         L += ['', '| target | measured | verdict |', '| --- | ---: | --- |',
               f"| fastest model-only row is bf16+cl | {max(('fp32', 'fp32+cl', 'bf16', 'bf16+cl'), key=res.get)} | "
               f"{'met' if max(('fp32', 'fp32+cl', 'bf16', 'bf16+cl'), key=res.get) == 'bf16+cl' else 'MISSED'} |",
-              f"| fine-tune auto >= 0.95x fastest model-only | {res['finetune auto'] / best:.2f}x | {tp._verdict(res['finetune auto'] / best, 0.95)} |",
-              f"| fine-tune auto >= 1.6x fine-tune fp32 | {res['finetune auto'] / res['finetune fp32']:.2f}x | "
+              f"| fine-tune auto >= 0.95x fastest model-only | {res['finetune auto'] / best:.3f}x | {tp._verdict(res['finetune auto'] / best, 0.95)} |",
+              f"| fine-tune auto >= 1.6x fine-tune fp32 | {res['finetune auto'] / res['finetune fp32']:.3f}x | "
               f"{tp._verdict(res['finetune auto'] / res['finetune fp32'], 1.6)} |",
               f"| frozen auto / frozen fp32 | {res['frozen auto'] / res['frozen fp32']:.2f}x | - |",
-              f"| predict auto >= 0.9x bf16 forward-only | {pred['auto']['rate'] / pred['auto']['forward']:.2f}x | "
+              f"| predict auto >= 0.9x bf16 forward-only | {pred['auto']['rate'] / pred['auto']['forward']:.3f}x | "
               f"{tp._verdict(pred['auto']['rate'] / pred['auto']['forward'], 0.9)} |", '']
     if 'compile' in R:
         c = R['compile']

@@ -112,3 +112,18 @@ def test_long_lists_are_checked_in_processes_with_the_same_verdicts(shared_data,
     for i in (7, 700): Path(files[i]).unlink(); Path(files[i]).write_bytes(b'not a jpeg')
     one, many = check_images(files, num_workers=1), check_images(files, num_workers=2)
     assert list(one) == list(many) == [files[7], files[700]] and one == many
+
+def test_a_checking_process_that_dies_leaves_the_check_to_this_one(shared_data, tmp_path, monkeypatch):
+    "A forked checking process killed before it answers: the files are checked here instead, with the same verdicts."
+    import os
+    from xray_fastai import data
+    real = sorted((shared_data/'chest_xray_224'/'train'/'NORMAL').glob('*.jpeg'))[:20]
+    files = [str(real[i % len(real)]) for i in range(1000)]
+    files[3] = str(tmp_path/'gone.jpeg')  # a verdict to compare: missing
+    parent, check = os.getpid(), data.check_image
+    def dies_in_a_child(path):
+        if os.getpid() != parent: os._exit(1)
+        return check(path)
+    monkeypatch.setattr(data, 'check_image', dies_in_a_child)
+    verdicts = data._check_all(files, num_workers=2)
+    assert verdicts == [check(f) for f in files] and verdicts[3] and not any(verdicts[:3])

@@ -1,0 +1,69 @@
+"""Where a fine-tune step's time goes beyond the model-only loop, and whether a DataLoader worker hides it (issue 17).
+
+    python bench/finetune_overhead.py            # resnet34, 224 px, batch 16, `--precision auto`, chest_xray_224
+
+Prints (it does not record) the milliseconds per batch of `Learner.fit` split by fastai's events (data: from the end
+of one step to the next batch; forward; loss; backward; optimiser step), beside the model-only step on a batch
+already in memory (torch's Adam, as `bench/precision.py`'s rows), then the whole fit step with 0 and 1 DataLoader
+workers, taking turns. Batches 3-10 of each fit are timed."""
+import argparse, time, warnings
+from collections import defaultdict
+from pathlib import Path
+import torch
+from fastai.callback.core import Callback, CancelFitException
+
+warnings.filterwarnings('ignore')
+DATA = Path(__file__).resolve().parents[2]/'shared'/'data'/'chest_xray_224'
+from xray_fastai.data import load_source, xray_dataloaders
+from xray_fastai.learner import xray_learner
+from xray_fastai.precision import autocast_to
+
+class PhaseClock(Callback):
+    "Seconds between fastai's training events, summed over the timed batches; stops the fit after them."
+    order, events = 100, dict(before_batch='data', after_pred='forward', after_loss='loss', before_step='backward',
+                              after_step='step')
+    def __init__(self, skip=2, timed=8): self.skip, self.timed = skip, timed
+    def before_fit(self): self.n, self.last, self.t = 0, None, defaultdict(float)
+    def _mark(self, phase):
+        now = time.perf_counter()
+        if self.last is not None and self.n >= self.skip: self.t[phase] += now - self.last
+        self.last = now
+    def after_batch(self):
+        self.n += 1
+        if self.n == self.skip + self.timed: raise CancelFitException()
+    def ms(self): return {k: v / self.timed * 1000 for k, v in self.t.items()}
+
+for event, phase in PhaseClock.events.items():
+    setattr(PhaseClock, event, lambda self, p=phase: self._mark(p))
+
+def model_only_ms(learn, xb, yb, n=8) -> float:
+    "The model-only step (autocast as `learn` trains, torch's Adam) on one batch in memory, ms per batch."
+    m, opt = learn.model, torch.optim.Adam(learn.model.parameters(), lr=1e-3)
+    prec = learn.precision_info['precision']
+    if learn.precision_info['memory_format'] == 'channels_last': xb = xb.contiguous(memory_format=torch.channels_last)
+    def step():
+        with autocast_to(prec, 'cpu'): out = m(xb)
+        torch.nn.functional.cross_entropy(out.float(), yb).backward(); opt.step(); opt.zero_grad()
+    for _ in range(2): step()
+    t0 = time.perf_counter()
+    for _ in range(n): step()
+    return (time.perf_counter() - t0) / n * 1000
+
+if __name__ == '__main__':
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--arch', default='resnet34'); p.add_argument('--size', type=int, default=224)
+    p.add_argument('--bs', type=int, default=16); p.add_argument('--rounds', type=int, default=2)
+    a = p.parse_args()
+    src = load_source(DATA, verify=False)
+    learners = {nw: xray_learner(xray_dataloaders(src, size=a.size, bs=a.bs, num_workers=nw), a.arch, pretrained=False)
+                for nw in (0, 1)}
+    print(f"{a.arch}, {a.size} px, batch {a.bs}: {learners[0].precision_info}")
+    for r in range(a.rounds):
+        for nw, learn in learners.items():
+            clock = PhaseClock(); learn.fit(1, 1e-3, cbs=clock); ms = clock.ms(); total = sum(ms.values())
+            line = f"round {r}, {nw} workers: fit {total:.0f} ms/batch (" + ', '.join(f"{k} {v:.0f}" for k, v in ms.items()) + ")"
+            if nw == 0:
+                xb, yb = (torch.Tensor(t).as_subclass(torch.Tensor) for t in learn.dls.one_batch())
+                mo = model_only_ms(learn, xb, yb)
+                line += f"; model-only {mo:.0f} ms/batch: fit at {mo / total:.3f}x model-only"
+            print(line, flush=True)
