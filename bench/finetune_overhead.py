@@ -20,21 +20,22 @@ from xray_fastai.precision import autocast_to
 
 class PhaseClock(Callback):
     "Seconds between fastai's training events, summed over the timed batches; stops the fit after them."
-    order, events = 100, dict(before_batch='data', after_pred='forward', after_loss='loss', before_step='backward',
-                              after_step='step')
+    order = 100
     def __init__(self, skip=2, timed=8): self.skip, self.timed = skip, timed
     def before_fit(self): self.n, self.last, self.t = 0, None, defaultdict(float)
     def _mark(self, phase):
         now = time.perf_counter()
         if self.last is not None and self.n >= self.skip: self.t[phase] += now - self.last
         self.last = now
+    def before_batch(self): self._mark('data')  # since the last step ended
+    def after_pred(self): self._mark('forward')
+    def after_loss(self): self._mark('loss')
+    def before_step(self): self._mark('backward')
+    def after_step(self): self._mark('step')
     def after_batch(self):
         self.n += 1
         if self.n == self.skip + self.timed: raise CancelFitException()
     def ms(self): return {k: v / self.timed * 1000 for k, v in self.t.items()}
-
-for event, phase in PhaseClock.events.items():
-    setattr(PhaseClock, event, lambda self, p=phase: self._mark(p))
 
 def model_only_ms(learn, xb, yb, n=8) -> float:
     "The model-only step (autocast as `learn` trains, torch's Adam) on one batch in memory, ms per batch."
@@ -63,7 +64,7 @@ if __name__ == '__main__':
             clock = PhaseClock(); learn.fit(1, 1e-3, cbs=clock); ms = clock.ms(); total = sum(ms.values())
             line = f"round {r}, {nw} workers: fit {total:.0f} ms/batch (" + ', '.join(f"{k} {v:.0f}" for k, v in ms.items()) + ")"
             if nw == 0:
-                xb, yb = (torch.Tensor(t).as_subclass(torch.Tensor) for t in learn.dls.one_batch())
+                xb, yb = (t.as_subclass(torch.Tensor) for t in learn.dls.one_batch())
                 mo = model_only_ms(learn, xb, yb)
                 line += f"; model-only {mo:.0f} ms/batch: fit at {mo / total:.3f}x model-only"
             print(line, flush=True)

@@ -60,12 +60,12 @@ INCUMBENT = 'short-gentle'
 SGF = {**SG, 'aug_kwargs': dict(do_flip=True)}
 CANDIDATES.update({'f-5ep': SGF, 'f-8ep': {**SGF, 'epochs': 8}, 'f-12ep': {**SGF, 'epochs': 12},
                    'f-64px': {**SGF, 'size': 64, 'precision': 'fp32'}})
-ROUND3, INCUMBENT3, SEEDS3, TOL3 = ['f-5ep', 'f-8ep', 'f-12ep', 'f-64px'], 'f-5ep', [42, 43, 44], 0.003
+ROUND3, INCUMBENT3, TOL3 = ['f-5ep', 'f-8ep', 'f-12ep', 'f-64px'], 'f-5ep', 0.003
 # round 4: the levers left on top of `f-8ep` (RECIPES['pneumoniamnist'] now): mixup, class weights, a larger backbone
 F8 = CANDIDATES['f-8ep']
 CANDIDATES.update({'f8+mixup': {**F8, 'mixup': 0.4}, 'f8+class-weights': {**F8, 'class_weights': True},
                    'f8-resnet34': {**F8, 'arch': 'resnet34'}})
-ROUND4, INCUMBENT4, SEEDS4, TOL4 = ['f-8ep', 'f8+mixup', 'f8+class-weights', 'f8-resnet34'], 'f-8ep', [42, 43, 44], 0.003
+ROUND4, INCUMBENT4 = ['f-8ep', 'f8+mixup', 'f8+class-weights', 'f8-resnet34'], 'f-8ep'  # seeds and tolerance: round 3's
 MONITOR = 'site_roc_auc_score'  # every run keeps the epoch with the best ROC AUC on site A
 RULE = 'youden'  # the threshold rule on A (max balanced accuracy there)
 
@@ -194,12 +194,12 @@ def choose(a, runs):
     k = a.set == 'kermany'
     res = _load_json(REPO/'bench'/f"generalisation-{'kermany' if k else 'screen'}.json")
     site, incumbent = (KSITE, 'kermany-recipe') if k else (SITE_A, INCUMBENT)
-    r3 = a.set in ('round3', 'round4')
-    if r3:
+    later = a.set in ('round3', 'round4')  # 3 seeds at once, TOL3, the plain evaluation only
+    if later:
         names, incumbent = (ROUND3, INCUMBENT3) if a.set == 'round3' else (ROUND4, INCUMBENT4)
         res = {n: res[n] for n in names if n in res}
-    tol = TOL3 if r3 else TOL
-    top, order, vs, best = rule(res, a.seeds, KERMANY if k else CANDIDATES, incumbent, tol, ('plain',) if r3 else ('plain', 'tta'))
+    tol = TOL3 if later else TOL
+    top, order, vs, best = rule(res, a.seeds, KERMANY if k else CANDIDATES, incumbent, tol, ('plain',) if later else ('plain', 'tta'))
     rows = [f"Rule over seeds {a.seeds} (best mean A AUC {best:.4f}; eligible from {best - tol:.4f}):", "",
             "| rank | candidate | evaluation | cost (epochs x (size/28)^2 x backbone) | mean A AUC | eligible | mean A acc / spec / recall at A's Youden threshold |",
             "| ---: | --- | --- | ---: | ---: | --- | --- |"]
