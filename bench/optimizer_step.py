@@ -1,0 +1,34 @@
+"""One optimiser step of fastai's `Adam` (what `Learner` uses) against torch's Adam, plain, foreach and fused (issue 17).
+
+    python bench/optimizer_step.py            # resnet18 and resnet34, the CPU; prints only
+
+Random gradients on every parameter; each optimiser takes 2 warm-up steps, then 5 rounds of 5 steps, taking turns;
+the range of the rounds' milliseconds per step is printed."""
+import time, warnings
+import torch
+from fastai.optimizer import Adam
+
+warnings.filterwarnings('ignore')
+from xray_fastai.models import build_model
+
+def step_ms(arch:str, rounds:int=5, steps:int=5) -> dict:
+    torch.manual_seed(0)
+    ps = list(build_model(arch, pretrained=False).parameters())
+    for p in ps: p.grad = torch.randn_like(p) * 1e-3
+    opts = {'fastai Adam': Adam(ps, lr=1e-3), 'torch Adam': torch.optim.Adam(ps, lr=1e-3),
+            'torch Adam foreach': torch.optim.Adam(ps, lr=1e-3, foreach=True),
+            'torch Adam fused': torch.optim.Adam(ps, lr=1e-3, fused=True)}
+    for o in opts.values(): o.step(); o.step()
+    res = {k: [] for k in opts}
+    for _ in range(rounds):
+        for k, o in opts.items():
+            t0 = time.perf_counter()
+            for _ in range(steps): o.step()
+            res[k].append((time.perf_counter() - t0) / steps * 1000)
+    return dict(params=sum(p.numel() for p in ps), ms=res)
+
+if __name__ == '__main__':
+    for arch in ('resnet18', 'resnet34'):
+        r = step_ms(arch)
+        print(f"{arch}, {r['params'] / 1e6:.1f}M parameters: " +
+              ', '.join(f"{k} {min(v):.0f}-{max(v):.0f} ms" for k, v in r['ms'].items()), flush=True)
