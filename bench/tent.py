@@ -7,14 +7,15 @@ TENT starts from AdaBN (BatchNorm statistics re-estimated on A) and then trains 
 lower the mean entropy of its predictions on A (Adam, lr 1e-3, `--epochs` passes over A in batches of 64), with the
 statistics of each batch, as the paper does; it predicts with the statistics re-estimated after adapting. A's labels
 only score the result (ROC AUC, and accuracy / specificity at 0.5). Half B is not read."""
-import argparse, copy, sys, warnings
+import argparse, sys, warnings
 from pathlib import Path
-import numpy as np, torch
+import torch
 
 warnings.filterwarnings('ignore')
 REPO = Path(__file__).resolve().parents[1]
 SITE_A = REPO.parent/'shared'/'data'/'pneumoniamnist_site_A'
 sys.path.insert(0, str(REPO))
+from xray_fastai.config import RunConfig
 from xray_fastai.evaluate import eval_learner, _external_source, binary_metrics
 from xray_fastai.shift import adabn, bn_layers, model_outputs
 
@@ -47,7 +48,7 @@ if __name__ == '__main__':
     print("| run | A AUC: plain / AdaBN / TENT | A acc @0.5: plain / AdaBN / TENT | A spec @0.5: plain / AdaBN / TENT |")
     print("| --- | --- | --- | --- |")
     for run in a.runs:
-        c = eval_learner(run).config
+        c = RunConfig.load(run)
         slearn = eval_learner(run, _external_source(c, SITE_A, 'valid'), precision='fp32')
         assert list(slearn.dls.vocab).index(c.positive) == 1, "the positive class is expected second"
         dl = slearn.dls.valid

@@ -120,10 +120,12 @@ def test_a_checking_process_that_dies_leaves_the_check_to_this_one(shared_data, 
     real = sorted((shared_data/'chest_xray_224'/'train'/'NORMAL').glob('*.jpeg'))[:20]
     files = [str(real[i % len(real)]) for i in range(1000)]
     files[3] = str(tmp_path/'gone.jpeg')  # a verdict to compare: missing
-    parent, check = os.getpid(), data.check_image
+    parent, check, checked_here = os.getpid(), data.check_image, []
     def dies_in_a_child(path):
         if os.getpid() != parent: os._exit(1)
+        checked_here.append(path)
         return check(path)
     monkeypatch.setattr(data, 'check_image', dies_in_a_child)
     verdicts = data._check_all(files, num_workers=2)
+    assert len(checked_here) == len(files)  # a child died, and this process checked every file itself
     assert verdicts == [check(f) for f in files] and verdicts[3] and not any(verdicts[:3])
