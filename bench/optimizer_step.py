@@ -1,4 +1,4 @@
-"""One optimiser step of fastai's `Adam` (what `Learner` uses) against torch's Adam, plain, foreach and fused (issue 17).
+"""One optimiser step of fastai's `Adam`, `FusedAdam` (what `xray_learner` uses) and torch's Adam, plain, foreach and fused (issue 17).
 
     python bench/optimizer_step.py            # resnet18 and resnet34, the CPU; prints only
 
@@ -10,12 +10,13 @@ from fastai.optimizer import Adam
 
 warnings.filterwarnings('ignore')
 from xray_fastai.models import build_model
+from xray_fastai.optimizer import FusedAdam
 
 def step_ms(arch:str, rounds:int=5, steps:int=5) -> dict:
     torch.manual_seed(0)
     ps = list(build_model(arch, pretrained=False).parameters())
     for p in ps: p.grad = torch.randn_like(p) * 1e-3
-    opts = {'fastai Adam': Adam(ps, lr=1e-3), 'torch Adam': torch.optim.Adam(ps, lr=1e-3),
+    opts = {'fastai Adam': Adam(ps, lr=1e-3), 'FusedAdam': FusedAdam(ps, lr=1e-3), 'torch Adam': torch.optim.Adam(ps, lr=1e-3),
             'torch Adam foreach': torch.optim.Adam(ps, lr=1e-3, foreach=True),
             'torch Adam fused': torch.optim.Adam(ps, lr=1e-3, fused=True)}
     for o in opts.values(): o.step(); o.step()

@@ -5,6 +5,7 @@ from xray_fastai.core import load_json, XrayError
 from xray_fastai.data import GREY_IMAGENET_STATS
 from xray_fastai.config import RunConfig
 from xray_fastai.learner import train, resume, _build
+from xray_fastai.optimizer import FusedAdam
 from conftest import Crash
 
 pytestmark = pytest.mark.slow
@@ -89,6 +90,7 @@ def test_finetune_discriminative_lrs(mini_npz, tmp_path):
     c = RunConfig(**_kw(mini_npz, arch='mobilenet_v2', epochs=1, lr=1e-4, lr_mult=10))
     learn = _build(c, tmp_path)
     learn.create_opt()
+    assert isinstance(learn.opt, FusedAdam)  # fastai's Adam, stepped by torch's fused kernel
     learn.opt.set_hyper('lr', slice(1e-4 / 10, 1e-4))
     lrs = [h['lr'] for h in learn.opt.hypers]
     assert len(lrs) == 4  # stem, early, late, head

@@ -24,6 +24,7 @@ from .distributed import *
 from .sites import SiteCallback, site_dl, feature_batches, kept_rng
 from .reliability import *
 from .precision import *
+from .optimizer import FusedAdam
 from .config import *
 from .config import _abs_path
 from .callbacks import *
@@ -50,6 +51,7 @@ def xray_learner(dls:DataLoaders, # from `xray_dataloaders`
                  path=None, # where the learner writes (the run folder)
                  precision:str='auto', # autocast: auto, fp32, bf16 or fp16 (`resolve_precision`); weights stay float32
                  channels_last:bool=None, # channels_last memory format (default: where it is faster, `memory_format_for`)
+                 opt_func=FusedAdam, # the `Optimizer` factory: fastai's `Adam`, stepped by torch's fused kernel
                  **kwargs # passed to `vision_learner`
                 ) -> Learner:
     "A fastai `Learner` for `dls` with backbone `arch`."
@@ -61,7 +63,7 @@ def xray_learner(dls:DataLoaders, # from `xray_dataloaders`
     with catch_download_errors(arch, pretrained and weights is None):
         learn = vision_learner(dls, resolve_arch(arch), n_in=1, n_out=len(dls.vocab), normalize=False,
                                pretrained=pretrained and weights is None, loss_func=CrossEntropyLossFlat(weight=weight),
-                               metrics=xray_metrics(pos_idx), path=path or Path('.'), model_dir='.',
+                               opt_func=opt_func, metrics=xray_metrics(pos_idx), path=path or Path('.'), model_dir='.',
                                splitter=head_splitter if frozen else arch_splitter(arch), **kwargs)
     if weights: load_weights(learn.model, weights, arch)
     if frozen:
@@ -93,7 +95,7 @@ def feature_learner(learn:Learner, bs:int=None) -> Learner:
     fdls = DataLoaders.from_dsets(train, valid, bs=bs or dls.bs, device=dls.device, num_workers=0)  # tensors in memory: no workers to fork
     fdls.src, fdls.vocab = dls.src, dls.vocab
     head_learn = Learner(fdls, learn.model[1], loss_func=learn.loss_func, metrics=learn.metrics, path=learn.path,
-                         model_dir='.', splitter=lambda m: [params(m)])
+                         model_dir='.', splitter=lambda m: [params(m)], opt_func=learn.opt_func)
     _quiet_progress(head_learn)
     return head_learn
 
