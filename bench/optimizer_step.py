@@ -1,16 +1,21 @@
 """One optimiser step of fastai's `Adam`, `FusedAdam` (what `xray_learner` uses) and torch's Adam, plain, foreach and fused (issue 17).
 
     python bench/optimizer_step.py            # resnet18 and resnet34, the CPU; prints only
+    python bench/optimizer_step.py --fit      # and one epoch of the pneumoniamnist recipe with each
 
 Random gradients on every parameter; each optimiser takes 2 warm-up steps, then 5 rounds of 5 steps, taking turns;
-the range of the rounds' milliseconds per step is printed."""
-import time, warnings
+the range of the rounds' milliseconds per step is printed. `--fit`: the recipe's `Learner` (real data, 28 px) fits one
+epoch with fastai's `Adam` and with `FusedAdam`, taking turns, twice; wall seconds a fit."""
+import sys, tempfile, time, warnings
+from pathlib import Path
 import torch
 from fastai.optimizer import Adam
 
 warnings.filterwarnings('ignore')
 from xray_fastai.models import build_model
 from xray_fastai.optimizer import FusedAdam
+from xray_fastai.config import RunConfig
+from xray_fastai.learner import _build
 
 def step_ms(arch:str, rounds:int=5, steps:int=5) -> dict:
     torch.manual_seed(0)
@@ -28,8 +33,23 @@ def step_ms(arch:str, rounds:int=5, steps:int=5) -> dict:
             res[k].append((time.perf_counter() - t0) / steps * 1000)
     return dict(params=sum(p.numel() for p in ps), ms=res)
 
+def fit_seconds(rounds:int=2) -> dict:
+    "Wall seconds of one `fit_one_cycle` epoch of the pneumoniamnist recipe with each optimiser, taking turns."
+    data = Path(__file__).resolve().parents[2]/'shared'/'data'/'pneumoniamnist.npz'
+    learn = _build(RunConfig.from_recipe('pneumoniamnist', source=str(data), epochs=1), Path(tempfile.mkdtemp()))
+    res = {'fastai Adam': [], 'FusedAdam': []}
+    for _ in range(rounds):
+        for name, opt_func in (('fastai Adam', Adam), ('FusedAdam', FusedAdam)):
+            learn.opt_func, learn.opt = opt_func, None
+            t0 = time.perf_counter(); learn.fit_one_cycle(1, 3e-3); res[name].append(time.perf_counter() - t0)
+    return res
+
 if __name__ == '__main__':
     for arch in ('resnet18', 'resnet34'):
         r = step_ms(arch)
         print(f"{arch}, {r['params'] / 1e6:.1f}M parameters: " +
               ', '.join(f"{k} {min(v):.0f}-{max(v):.0f} ms" for k, v in r['ms'].items()), flush=True)
+    if '--fit' in sys.argv[1:]:
+        r = fit_seconds()
+        print("pneumoniamnist recipe (resnet18, 28 px, bs 64), one epoch: " +
+              ', '.join(f"{k} {' '.join(f'{v:.1f}' for v in vs)} s" for k, vs in r.items()), flush=True)
