@@ -96,6 +96,17 @@ def test_finetune_discriminative_lrs(mini_npz, tmp_path):
     assert len(lrs) == 4  # stem, early, late, head
     assert lrs == sorted(lrs) and lrs[0] == pytest.approx(1e-5) and lrs[-1] == pytest.approx(1e-4)
 
+def test_runs_made_before_fused_adam_keep_fastais_step(mini_npz, tmp_path):
+    "A config.json without `fused_step` (made before `FusedAdam`) builds fastai's own `Adam`, so it resumes as it ran."
+    from fastai.optimizer import Optimizer
+    c = RunConfig(**_kw(mini_npz, arch='resnet18', epochs=1))
+    d = c.to_dict(); del d['fused_step']
+    old = RunConfig.from_dict(d)
+    assert c.fused_step and not old.fused_step
+    learn = _build(old, tmp_path)
+    learn.create_opt()
+    assert type(learn.opt) is Optimizer  # what fastai's `Adam` returns
+
 def test_train_writes_run_folder(mini_npz, tmp_path):
     run = train(out=tmp_path/'run', keep_checkpoints=True, **_kw(mini_npz, arch='resnet34', frozen=True, epochs=2, lr='auto'))
     names = {p.name for p in run.iterdir()}

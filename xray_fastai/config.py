@@ -53,6 +53,7 @@ class RunConfig:
     patience:int=None # stop after this many epochs without improvement (default: never)
     class_weights:bool=False # weight the loss by inverse class frequency
     wd:float=None # weight decay (default: fastai's)
+    fused_step:bool=True # step fastai's Adam with torch's fused kernel (`FusedAdam`); False: fastai's own step (runs made before)
     seed:int=42 # seed of the carved validation split, the shuffling and the initialisation
     data_dir:str=None # dataset cache folder, for named datasets
     valid_pct:float=0.2 # validation carved (as 1/k folds) when the source's own val split is too small
@@ -190,6 +191,7 @@ def from_dict(cls:RunConfig, d:dict) -> RunConfig:
     c.extra = {**(d.get('extra') or {}), **{k: v for k, v in d.items() if k not in SETTINGS and k != 'extra'}} or None
     c.aug_kwargs = dict(c.aug_kwargs or {})
     if 'keep_checkpoints' not in d: c.keep_checkpoints = True  # versions before lean run folders kept them
+    if 'fused_step' not in d: c.fused_step = False  # so a run made before `FusedAdam` resumes as it would have run
     if 'precision' not in d:  # bf16 was for GPUs only
         import torch
         c.precision = 'auto' if torch.cuda.is_available() else 'fp32'

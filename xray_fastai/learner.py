@@ -16,6 +16,7 @@ from fastcore.all import *
 from fastai.vision.all import (Learner, EarlyStoppingCallback, DataLoaders, CrossEntropyLossFlat, accuracy, Precision,
                                Recall, F1Score, RocAucBinary, vision_learner, set_seed, params, valley, slide, minimum, steep)
 from fastai.callback.mixup import MixUp
+from fastai.optimizer import Adam
 from fastai.torch_core import rank_distrib, num_distrib
 from .core import *
 from .data import *
@@ -118,7 +119,8 @@ def _build(c:RunConfig, path:Path) -> Learner:
     c.stats, c.classes, c.positive, c.valid_origin = dls.stats, list(dls.vocab), src.positive, src.valid_origin
     c.presize, c.counts, c.skipped = dls.presize, src.counts(), len(src.skipped)
     learn = xray_learner(dls, c.arch, frozen=c.frozen, pretrained=c.pretrained, weights=c.weights,
-                         class_weights=c.class_weights, path=path, wd=c.wd, precision=c.precision, channels_last=c.channels_last)
+                         class_weights=c.class_weights, path=path, wd=c.wd, precision=c.precision, channels_last=c.channels_last,
+                         opt_func=FusedAdam if c.fused_step else Adam)
     c.precision, c.memory_format, c.device = (learn.precision_info[k] for k in ('precision', 'memory_format', 'device'))
     c.channels_last = c.memory_format == 'channels_last'  # resolved: a resumed run keeps them
     if c.site:  # with the run's validation transforms; made with the random states left as they were
