@@ -10,6 +10,7 @@ from collections import defaultdict
 from functools import partial
 
 import torch
+from torch import Tensor
 from torch.optim.adamw import adamw
 from fastcore.all import *
 from fastai.optimizer import Optimizer, weight_decay, average_grad, average_sqr_grad, step_stat, adam_step
@@ -30,7 +31,7 @@ class FusedAdam(Optimizer):
                  mom:float=0.9, # gradient moving average (β1) coefficient
                  sqr_mom:float=0.99, # gradient squared moving average (β2) coefficient
                  eps:float=1e-5, # added for numerical stability
-                 wd:Real=0.01, # decoupled weight decay; skipped where a parameter's state says `do_wd=False`
+                 wd:float=0.01, # decoupled weight decay; skipped where a parameter's state says `do_wd=False`
                 ):
         # fastai's own callbacks give the defaults, and `Optimizer.step(self)` is fastai's step on the same state
         super().__init__(params, [weight_decay, partial(average_grad, dampening=True), average_sqr_grad, step_stat, adam_step],
