@@ -56,3 +56,7 @@ class FusedAdam(Optimizer):
                   steps, fused=device.type in ('cpu', 'cuda'), amsgrad=False, maximize=False,
                   lr=h['lr'], beta1=h['mom'], beta2=h['sqr_mom'], weight_decay=wd, eps=h['eps'])
             for s in states: s['step'] += 1
+
+    def zero_grad(self):
+        "Drop the gradients, as torch's optimisers do: the next backward then writes them instead of adding them to zeros."
+        for p, *_ in self.all_params(with_grad=True): p.grad = None
