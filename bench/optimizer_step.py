@@ -2,14 +2,19 @@
 
     python bench/optimizer_step.py            # resnet18 and resnet34, the CPU; prints only
     python bench/optimizer_step.py --fit      # and one epoch of the pneumoniamnist recipe with each
+    python bench/optimizer_step.py --divergence  # only: how far runs of the recipe drift apart in 1-20 steps
 
 Random gradients on every parameter; each optimiser takes 2 warm-up steps, then 5 rounds of 5 steps, taking turns;
 the range of the rounds' milliseconds per step is printed. `--fit`: the recipe's `Learner` (real data, 28 px) fits one
-epoch with fastai's `Adam` and with `FusedAdam`, taking turns, twice; wall seconds a fit."""
+epoch with fastai's `Adam` and with `FusedAdam`, taking turns, twice; wall seconds a fit. `--divergence`: the recipe
+trained for 1, 2, 5, 10 and 20 steps (real batches, its augmentation and schedule) with fastai's step on 1 and on 2 threads and with
+`FusedAdam` on 1 thread: for each pair, the largest over parameters of max|a - b| / max|a|, and the distance between the two
+runs' weights over how far training moved them, |a - b| / |a - start|."""
 import sys, tempfile, time, warnings
 from pathlib import Path
 import torch
 from fastai.optimizer import Adam
+from fastai.callback.core import Callback, CancelFitException
 
 warnings.filterwarnings('ignore')
 from xray_fastai.models import build_model
@@ -44,7 +49,43 @@ def fit_seconds(rounds:int=2) -> dict:
             t0 = time.perf_counter(); learn.fit_one_cycle(1, 3e-3); res[name].append(time.perf_counter() - t0)
     return res
 
+DATA = Path(__file__).resolve().parents[2]/'shared'/'data'/'pneumoniamnist.npz'
+
+class StopAfter(Callback):
+    "End the fit after `n` training batches."
+    def __init__(self, n:int): self.n = n
+    def after_batch(self):
+        if self.training and self.iter + 1 >= self.n: raise CancelFitException()
+
+def recipe_weights(steps:int, fused:bool, threads:int) -> tuple:
+    "The pneumoniamnist recipe's weights before and after `steps` training steps (its seed and schedule) on `threads` threads."
+    torch.set_num_threads(threads)
+    c = RunConfig.from_recipe('pneumoniamnist', source=str(DATA), fused_step=fused)
+    learn = _build(c, Path(tempfile.mkdtemp()))
+    start = torch.cat([p.detach().flatten() for p in learn.model.parameters()])
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(c.epochs, c.lr, cbs=StopAfter(steps))
+    return start, [p.detach().clone() for p in learn.model.parameters()]
+
+def distances(start, a:list, b:list) -> tuple:
+    "The largest, over parameters, of max|a - b| / max|a|; and |a - b| / |a - start| over all weights."
+    flat_a, flat_b = torch.cat([x.flatten() for x in a]), torch.cat([x.flatten() for x in b])
+    return (max(((x - y).abs().max() / x.abs().max()).item() for x, y in zip(a, b)),
+            ((flat_a - flat_b).norm() / (flat_a - start).norm()).item())
+
+def divergence(steps=(1, 2, 5, 10, 20)) -> dict:
+    "For each number of steps: fastai's step on 1 against 2 threads, and fastai's step against `FusedAdam` (1 thread each)."
+    res = {}
+    for n in steps:
+        (start, fastai1), (_, fastai2), (_, fused1) = [recipe_weights(n, f, t) for f, t in ((False, 1), (False, 2), (True, 1))]
+        res[n] = {'fastai 1 vs 2 threads': distances(start, fastai1, fastai2), 'fastai vs FusedAdam': distances(start, fastai1, fused1)}
+    return res
+
 if __name__ == '__main__':
+    if '--divergence' in sys.argv[1:]:
+        print("| steps | fastai 1 vs 2 threads: largest param / all weights | fastai vs FusedAdam: largest param / all weights |")
+        print("| ---: | ---: | ---: |")
+        for n, d in divergence().items(): print(f"| {n} | " + ' | '.join(f"{a:.1e} / {b:.1e}" for a, b in d.values()) + " |", flush=True)
+        sys.exit()
     for arch in ('resnet18', 'resnet34'):
         r = step_ms(arch)
         print(f"{arch}, {r['params'] / 1e6:.1f}M parameters: " +
