@@ -3,13 +3,16 @@
     python bench/optimizer_step.py            # resnet18 and resnet34, the CPU; prints only
     python bench/optimizer_step.py --fit      # and one epoch of the pneumoniamnist recipe with each
     python bench/optimizer_step.py --divergence  # only: how far runs of the recipe drift apart in 1-20 steps
+    python bench/optimizer_step.py --agreement   # only: FusedAdam against fastai's step from the same state, 16 steps
 
 Random gradients on every parameter; each optimiser takes 2 warm-up steps, then 5 rounds of 5 steps, taking turns;
 the range of the rounds' milliseconds per step is printed. `--fit`: the recipe's `Learner` (real data, 28 px) fits one
 epoch with fastai's `Adam` and with `FusedAdam`, taking turns, twice; wall seconds a fit. `--divergence`: the recipe
 trained for 1, 2, 5, 10 and 20 steps (real batches, its augmentation and schedule) with fastai's step on 1 and on 2 threads and with
 `FusedAdam` on 1 thread: for each pair, the largest over parameters of max|a - b| / max|a|, and the distance between the two
-runs' weights over how far training moved them, |a - b| / |a - start|."""
+runs' weights over how far training moved them, |a - b| / |a - start|. `--agreement`: at each of the recipe's first 16
+steps, fastai's step is applied to a copy of what `FusedAdam` was given (weights, gradients, state, hyper-parameters);
+the largest difference between the two new weights, over the step's largest update, is printed."""
 import sys, tempfile, time, warnings
 from pathlib import Path
 import torch
@@ -80,7 +83,31 @@ def divergence(steps=(1, 2, 5, 10, 20)) -> dict:
         res[n] = {'fastai 1 vs 2 threads': distances(start, fastai1, fastai2), 'fastai vs FusedAdam': distances(start, fastai1, fused1)}
     return res
 
+class CompareSteps(Callback):
+    "At each training step of a `FusedAdam` learner, fastai's step from the same state; prints the largest difference."
+    def __init__(self, steps:int=16): self.steps = steps
+    def before_step(self):
+        copy = lambda v: v.clone() if torch.is_tensor(v) else v
+        self.before = [(p.detach().clone(), p.grad.clone(), {k: copy(v) for k, v in state.items()}, dict(hyper))
+                       for p, _, state, hyper in self.opt.all_params(with_grad=True)]
+    def after_step(self):
+        worst = 0.
+        for (w, g, state, hyper), (p, *_) in zip(self.before, self.opt.all_params(with_grad=True)):
+            q = w.clone().requires_grad_(); q.grad = g
+            ref = Adam([q], lr=1.); ref.hypers, ref.state[q] = [hyper], state
+            ref.step()
+            worst = max(worst, ((q - p).abs().max() / (q - w).abs().max().clamp_min(1e-30)).item())
+        print(f"step {self.iter}: lr {hyper['lr']:.2e}, largest difference / largest update {worst:.1e}", flush=True)
+        if self.iter + 1 >= self.steps: raise CancelFitException()
+
+def agreement():
+    torch.set_num_threads(1)
+    c = RunConfig.from_recipe('pneumoniamnist', source=str(DATA), fused_step=True)
+    learn = _build(c, Path(tempfile.mkdtemp()))
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(c.epochs, c.lr, cbs=CompareSteps())
+
 if __name__ == '__main__':
+    if '--agreement' in sys.argv[1:]: agreement(); sys.exit()
     if '--divergence' in sys.argv[1:]:
         print("| steps | fastai 1 vs 2 threads: largest param / all weights | fastai vs FusedAdam: largest param / all weights |")
         print("| ---: | ---: | ---: |")

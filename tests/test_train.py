@@ -107,6 +107,16 @@ def test_runs_made_before_fused_adam_keep_fastais_step(mini_npz, tmp_path):
     learn.create_opt()
     assert type(learn.opt) is Optimizer  # what fastai's `Adam` returns
 
+def test_pneumoniamnist_recipe_keeps_fastais_step(mini_npz, tmp_path):
+    "The 28 px recipe steps with fastai's own `Adam`, as it was chosen on A (bench/GENERALISATION.md); the defaults fuse."
+    from fastai.optimizer import Optimizer
+    recipe = RunConfig.from_recipe('pneumoniamnist', **_kw(mini_npz, epochs=1))
+    assert not recipe.fused_step and RunConfig().fused_step
+    assert RunConfig.from_recipe('pneumoniamnist', fused_step=True).fused_step  # a setting still overrides the recipe
+    learn = _build(recipe, tmp_path)
+    learn.create_opt()
+    assert type(learn.opt) is Optimizer
+
 def test_train_writes_run_folder(mini_npz, tmp_path):
     run = train(out=tmp_path/'run', keep_checkpoints=True, **_kw(mini_npz, arch='resnet34', frozen=True, epochs=2, lr='auto'))
     names = {p.name for p in run.iterdir()}
