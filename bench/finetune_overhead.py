@@ -1,11 +1,14 @@
 """Where a fine-tune step's time goes beyond the model-only loop, and whether a DataLoader worker hides it (issue 17).
 
     python bench/finetune_overhead.py            # resnet34, 224 px, batch 16, `--precision auto`, chest_xray_224
+    python bench/finetune_overhead.py --data     # only the data pipeline: a whole batch, its items, each batch transform
 
 Prints (it does not record) the milliseconds per batch of `Learner.fit` split by fastai's events (data: from the end
 of one step to the next batch; forward; loss; backward; optimiser step), beside the model-only step on a batch
 already in memory (torch's Adam, as `bench/precision.py`'s rows), then the whole fit step with 0 and 1 DataLoader
-workers, taking turns. Batches 3-10 of each fit are timed."""
+workers, taking turns. Batches 3-10 of each fit are timed. `--data`: milliseconds per training batch of
+`xray_dataloaders` (20 batches after 3), of its items and collation alone, and of each batch transform in turn, with
+torch's `affine_grid` timed apart on the same batch shape."""
 import argparse, time, warnings
 from collections import defaultdict
 from pathlib import Path
@@ -50,12 +53,30 @@ def model_only_ms(learn, xb, yb, n=8) -> float:
     for _ in range(n): step()
     return (time.perf_counter() - t0) / n * 1000
 
+def data_ms(dl, n:int=20) -> dict:
+    "Milliseconds per batch: a whole batch of `dl`, its items and collation, and each of its batch transforms."
+    def per_batch(f):
+        f(); t0 = time.perf_counter()
+        for _ in range(n): r = f()
+        return r, (time.perf_counter() - t0) / n * 1000
+    it = iter(dl); [next(it) for _ in range(3)]
+    res = {'whole batch': per_batch(lambda: next(it))[1]}
+    b, res['items + collation'] = per_batch(lambda: dl.do_batch([dl.do_item(i) for i in range(dl.bs)]))
+    for t in dl.after_batch.fs: b, res[type(t).__name__] = per_batch(lambda: t(b))
+    theta = torch.randn(dl.bs, 2, 3)
+    res["  of which torch's affine_grid"] = per_batch(lambda: torch.nn.functional.affine_grid(theta, b[0].shape, align_corners=True))[1]
+    return res
+
 if __name__ == '__main__':
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--arch', default='resnet34'); p.add_argument('--size', type=int, default=224)
     p.add_argument('--bs', type=int, default=16); p.add_argument('--rounds', type=int, default=2)
+    p.add_argument('--data', action='store_true', help='only the data pipeline')
     a = p.parse_args()
     src = load_source(DATA, verify=False)
+    if a.data:
+        for k, v in data_ms(xray_dataloaders(src, size=a.size, bs=a.bs).train).items(): print(f"{k}: {v:.1f} ms/batch")
+        raise SystemExit
     learners = {nw: xray_learner(xray_dataloaders(src, size=a.size, bs=a.bs, num_workers=nw), a.arch, pretrained=False)
                 for nw in (0, 1)}
     print(f"{a.arch}, {a.size} px, batch {a.bs}: {learners[0].precision_info}")

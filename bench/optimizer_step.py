@@ -4,6 +4,7 @@
     python bench/optimizer_step.py --fit      # and one epoch of the pneumoniamnist recipe with each
     python bench/optimizer_step.py --divergence  # only: how far runs of the recipe drift apart in 1-20 steps
     python bench/optimizer_step.py --agreement   # only: FusedAdam against fastai's step from the same state, 16 steps
+    python bench/optimizer_step.py --zero-grad   # only: a resnet34 224 px bf16 step, gradients zeroed against dropped
 
 Random gradients on every parameter; each optimiser takes 2 warm-up steps, then 5 rounds of 5 steps, taking turns;
 the range of the rounds' milliseconds per step is printed. `--fit`: the recipe's `Learner` (real data, 28 px) fits one
@@ -12,7 +13,9 @@ trained for 1, 2, 5, 10 and 20 steps (real batches, its augmentation and schedul
 `FusedAdam` on 1 thread: for each pair, the largest over parameters of max|a - b| / max|a|, and the distance between the two
 runs' weights over how far training moved them, |a - b| / |a - start|. `--agreement`: at each of the recipe's first 16
 steps, fastai's step is applied to a copy of what `FusedAdam` was given (weights, gradients, state, hyper-parameters);
-the largest difference between the two new weights, over the step's largest update, is printed."""
+the largest difference between the two new weights, over the step's largest update, is printed. `--zero-grad`: a whole
+training step (forward under bf16 autocast, channels_last, backward, `FusedAdam`) ending in fastai's `zero_grad` (zeros)
+or `FusedAdam.zero_grad` (dropped), taking turns, 6 rounds of 2 steps each."""
 import sys, tempfile, time, warnings
 from pathlib import Path
 import torch
@@ -106,7 +109,30 @@ def agreement():
     learn = _build(c, Path(tempfile.mkdtemp()))
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(c.epochs, c.lr, cbs=CompareSteps())
 
+def zero_grad_ms(rounds:int=6, steps:int=2) -> dict:
+    "Milliseconds a resnet34 training step (224 px, batch 16, bf16 + channels_last) ending in each `zero_grad`."
+    from fastai.optimizer import Optimizer
+    torch.manual_seed(0)
+    m = build_model('resnet34', pretrained=False).to(memory_format=torch.channels_last)
+    opt = FusedAdam(list(m.parameters()), lr=1e-4)
+    x, y = torch.randn(16, 1, 224, 224).contiguous(memory_format=torch.channels_last), torch.randint(0, 2, (16,))
+    ways = {'zeroed (fastai)': lambda: Optimizer.zero_grad(opt), 'dropped (FusedAdam)': opt.zero_grad}
+    def step(zero_grad):
+        with torch.autocast('cpu', dtype=torch.bfloat16): out = m(x)
+        torch.nn.functional.cross_entropy(out.float(), y).backward(); opt.step(); zero_grad()
+    for z in ways.values(): step(z); step(z)
+    res = {k: [] for k in ways}
+    for _ in range(rounds):
+        for k, z in ways.items():
+            t0 = time.perf_counter()
+            for _ in range(steps): step(z)
+            res[k].append((time.perf_counter() - t0) / steps * 1000)
+    return res
+
 if __name__ == '__main__':
+    if '--zero-grad' in sys.argv[1:]:
+        for k, v in zero_grad_ms().items(): print(f"{k}: median {sorted(v)[len(v) // 2]:.0f} ms, {min(v):.0f}-{max(v):.0f} ms a step")
+        sys.exit()
     if '--agreement' in sys.argv[1:]: agreement(); sys.exit()
     if '--divergence' in sys.argv[1:]:
         print("| steps | fastai 1 vs 2 threads: largest param / all weights | fastai vs FusedAdam: largest param / all weights |")
