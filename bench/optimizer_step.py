@@ -16,7 +16,7 @@ steps, fastai's step is applied to a copy of what `FusedAdam` was given (weights
 the largest difference between the two new weights, over the step's largest update, is printed. `--zero-grad`: a whole
 training step (forward under bf16 autocast, channels_last, backward, `FusedAdam`) ending in fastai's `zero_grad` (zeros)
 or `FusedAdam.zero_grad` (dropped), taking turns, 6 rounds of 2 steps each."""
-import sys, tempfile, time, warnings
+import statistics, sys, tempfile, time, warnings
 from pathlib import Path
 import torch
 from fastai.optimizer import Adam
@@ -27,6 +27,8 @@ from xray_fastai.models import build_model
 from xray_fastai.optimizer import FusedAdam
 from xray_fastai.config import RunConfig
 from xray_fastai.learner import _build
+
+DATA = Path(__file__).resolve().parents[2]/'shared'/'data'/'pneumoniamnist.npz'
 
 def step_ms(arch:str, rounds:int=5, steps:int=5) -> dict:
     torch.manual_seed(0)
@@ -46,8 +48,7 @@ def step_ms(arch:str, rounds:int=5, steps:int=5) -> dict:
 
 def fit_seconds(rounds:int=2) -> dict:
     "Wall seconds of one `fit_one_cycle` epoch of the pneumoniamnist recipe with each optimiser, taking turns."
-    data = Path(__file__).resolve().parents[2]/'shared'/'data'/'pneumoniamnist.npz'
-    learn = _build(RunConfig.from_recipe('pneumoniamnist', source=str(data), epochs=1), Path(tempfile.mkdtemp()))
+    learn = _build(RunConfig.from_recipe('pneumoniamnist', source=str(DATA), epochs=1), Path(tempfile.mkdtemp()))
     res = {'fastai Adam': [], 'FusedAdam': []}
     for _ in range(rounds):
         for name, opt_func in (('fastai Adam', Adam), ('FusedAdam', FusedAdam)):
@@ -55,7 +56,6 @@ def fit_seconds(rounds:int=2) -> dict:
             t0 = time.perf_counter(); learn.fit_one_cycle(1, 3e-3); res[name].append(time.perf_counter() - t0)
     return res
 
-DATA = Path(__file__).resolve().parents[2]/'shared'/'data'/'pneumoniamnist.npz'
 
 class StopAfter(Callback):
     "End the fit after `n` training batches."
@@ -131,7 +131,7 @@ def zero_grad_ms(rounds:int=6, steps:int=2) -> dict:
 
 if __name__ == '__main__':
     if '--zero-grad' in sys.argv[1:]:
-        for k, v in zero_grad_ms().items(): print(f"{k}: median {sorted(v)[len(v) // 2]:.0f} ms, {min(v):.0f}-{max(v):.0f} ms a step")
+        for k, v in zero_grad_ms().items(): print(f"{k}: median {statistics.median(v):.0f} ms, {min(v):.0f}-{max(v):.0f} ms a step")
         sys.exit()
     if '--agreement' in sys.argv[1:]: agreement(); sys.exit()
     if '--divergence' in sys.argv[1:]:
