@@ -14,15 +14,15 @@ import numpy as np, pandas as pd, torch
 from PIL import Image, ImageOps
 from fastcore.all import *
 from fastai.vision.all import (DataBlock, ImageBlock, CategoryBlock, ColReader, ColSplitter, Resize, ResizeMethod,
-                               Normalize, aug_transforms, PILImageBW, DataLoaders, set_seed, defaults, get_files)
+                               Normalize, aug_transforms, PILImage, PILImageBW, DataLoaders, set_seed, defaults, get_files)
 from .core import *
 
 # %% auto #0
 __all__ = ['CLASSES', 'POSITIVE', 'IMAGE_EXTS', 'GREY_IMAGENET_STATS', 'MEDMNIST_URL', 'PNEUMONIAMNIST_MD5', 'CHECKS_VERSION',
            'XRAY_AUG', 'AUG_FIXED', 'PRESIZE_CACHE_VERSION', 'pneumoniamnist_fname', 'download', 'open_xray',
            'check_image', 'XrayImage', 'check_cache_dir', 'check_images', 'patient_id', 'read_csv_table', 'XraySource',
-           'source_id', 'load_source', 'describe', 'ArrayReader', 'presize_cache_path', 'item_size', 'presize_cache',
-           'PresizedReader', 'train_stats', 'xray_dataloaders', 'xray_test_dl', 'add_training_images']
+           'source_id', 'load_source', 'describe', 'ArrayReader', 'SquishResize', 'presize_cache_path', 'item_size',
+           'presize_cache', 'PresizedReader', 'train_stats', 'xray_dataloaders', 'xray_test_dl', 'add_training_images']
 
 # %% ../nbs/01_data.ipynb #cd335cac
 CLASSES = ['NORMAL', 'PNEUMONIA']
@@ -405,6 +405,13 @@ class ArrayReader:
 
 def _get_x(src:XraySource): return ArrayReader(src.images) if src.images is not None else ColReader('item')
 
+# %% ../nbs/01_data.ipynb #67a87220
+class SquishResize(Resize):
+    "fastai's `Resize(size, ResizeMethod.Squish)`, with images resized in one PIL call instead of a crop, a pad and a resize."
+    def __init__(self, size:int|tuple, # output size (px): an int for a square, or (height, width)
+                ): super().__init__(size, ResizeMethod.Squish)
+    def encodes(self, x:PILImage): return x.resize(self.size, self.mode)
+
 # %% ../nbs/01_data.ipynb #6f466e07
 PRESIZE_CACHE_VERSION = 1  # bump when the way cached images are made changes: old caches are then ignored
 
@@ -426,10 +433,10 @@ def presize_cache_path(files, # image paths, in row order
     return Path(folder)/f"{name}-{files_id}-{size}px-{h.hexdigest()[:16]}.npy"
 
 def _decode_presized(f, size:int) -> tuple:
-    "`(image, None)`: `f` decoded at reduced scale and squished to `size` px by the pipeline's own `Resize`; or `(None, why)`."
+    "`(image, None)`: `f` decoded at reduced scale and squished to `size` px by the pipeline's own `SquishResize`; or `(None, why)`."
     try: im = XrayImage(open_xray(f, draft=size))
     except Exception as e: return None, f"{type(e).__name__}: {e}".splitlines()[0][:200]  # as `check_image` says it
-    return np.asarray(Resize(size, ResizeMethod.Squish)(im, split_idx=1)), None
+    return np.asarray(SquishResize(size)(im, split_idx=1)), None
 
 def _presize(f, size:int) -> np.ndarray:
     "`f` presized to `size` px; an unreadable file is an error."
@@ -535,9 +542,9 @@ def xray_dataloaders(src:XraySource, # the dataset
     check(bs > 0, f"--bs must be positive, got {bs}")
     presize = presize or item_size(size, aug=aug)
     stats = stats or (GREY_IMAGENET_STATS if pretrained else train_stats(src))
-    item_tfms = [] if src.images is not None and src.images.shape[1] == presize else [Resize(presize, ResizeMethod.Squish)]
+    item_tfms = [] if src.images is not None and src.images.shape[1] == presize else [SquishResize(presize)]
     batch_tfms = [*aug_transforms(size=size, **{**XRAY_AUG, **kwargs})] if aug else []
-    if not aug and presize != size: item_tfms = [Resize(size, ResizeMethod.Squish)]
+    if not aug and presize != size: item_tfms = [SquishResize(size)]
     get_x = _get_x(src)
     if cache and src.images is None:  # every split, so that test DataLoaders read the cache too
         files, isize = list(dict.fromkeys(src.df.item)), item_size(size, presize, aug)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from PIL import Image
 from fastcore.all import *
-from fastai.vision.all import (Resize, ResizeMethod, ToTensor, IntToFloatTensor, Normalize, Pipeline, TensorImageBW,
+from fastai.vision.all import (ToTensor, IntToFloatTensor, Normalize, Pipeline, TensorImageBW,
                                aug_transforms, defaults, get_files)
 from fastai.callback.hook import hook_output
 from .core import *
@@ -129,7 +129,7 @@ class XrayPreprocess:
                 ):
         size, presize, aug = meta['size'], meta['presize'], meta['aug']
         self.item_size, self.device = (presize if aug else size), torch.device(device or 'cpu')
-        self.item_tfms = Pipeline([Resize(self.item_size, ResizeMethod.Squish), ToTensor()], split_idx=1)
+        self.item_tfms = Pipeline([SquishResize(self.item_size), ToTensor()], split_idx=1)
         norm = Normalize.from_stats(*meta['stats'], cuda=False)
         norm.mean, norm.std = norm.mean.to(self.device), norm.std.to(self.device)
         augs = aug_transforms(size=size, **{**XRAY_AUG, **meta.get('aug_kwargs', {})}) if aug else []
