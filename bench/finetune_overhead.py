@@ -8,7 +8,8 @@ of one step to the next batch; forward; loss; backward; optimiser step), beside 
 already in memory (torch's Adam, as `bench/precision.py`'s rows), then the whole fit step with 0 and 1 DataLoader
 workers, taking turns. Batches 3-10 of each fit are timed. `--data`: milliseconds per training batch of
 `xray_dataloaders` (20 batches after 3), of its items and collation alone, and of each batch transform in turn, with
-torch's `affine_grid` timed apart on the same batch shape."""
+torch's `affine_grid` timed apart on the same batch shape; then one epoch of the 28 px pneumoniamnist training
+DataLoader (items squished to 32 px) with `SquishResize` and with fastai's `Resize`, taking turns, twice."""
 import argparse, time, warnings
 from collections import defaultdict
 from pathlib import Path
@@ -67,6 +68,18 @@ def data_ms(dl, n:int=20) -> dict:
     res["  of which torch's affine_grid"] = per_batch(lambda: torch.nn.functional.affine_grid(theta, b[0].shape, align_corners=True))[1]
     return res
 
+def resize_epoch_s(rounds:int=2) -> dict:
+    "Seconds to iterate the 28 px recipe's training DataLoader once with each item resize, taking turns."
+    from fastai.vision.all import Pipeline, Resize, ResizeMethod, ToTensor
+    from xray_fastai.data import SquishResize
+    dl = xray_dataloaders(load_source(DATA.parent/'pneumoniamnist.npz', verify=False), size=28, bs=64).train
+    resizes, res = {'SquishResize': SquishResize(32), "fastai's Resize": Resize(32, ResizeMethod.Squish)}, {}
+    for _ in range(rounds):
+        for name, r in resizes.items():
+            dl.after_item = Pipeline([r, ToTensor()], split_idx=0)
+            t0 = time.perf_counter(); n = sum(1 for _ in dl); res.setdefault(name, []).append(time.perf_counter() - t0)
+    return res
+
 if __name__ == '__main__':
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--arch', default='resnet34'); p.add_argument('--size', type=int, default=224)
@@ -76,6 +89,7 @@ if __name__ == '__main__':
     src = load_source(DATA, verify=False)
     if a.data:
         for k, v in data_ms(xray_dataloaders(src, size=a.size, bs=a.bs).train).items(): print(f"{k}: {v:.1f} ms/batch")
+        for k, v in resize_epoch_s().items(): print(f"28 px recipe, one pass of the training DataLoader, {k}: " + ', '.join(f"{t:.2f} s" for t in v))
         raise SystemExit
     learners = {nw: xray_learner(xray_dataloaders(src, size=a.size, bs=a.bs, num_workers=nw), a.arch, pretrained=False)
                 for nw in (0, 1)}
