@@ -19,7 +19,7 @@ import throughput as tp  # the timing helpers and rows of the main benchmark
 from throughput import REPO, DATA, Row, StepClock, ClockCallback, ModelOnly, take_turns, machine, append_results
 from check_processes import old_check
 from fastai.vision.all import set_seed
-from xray_fastai.data import load_source, xray_dataloaders, check_image, check_images, presize_cache
+from xray_fastai.data import load_source, xray_dataloaders, check_images, presize_cache
 from xray_fastai.learner import xray_learner, train
 from xray_fastai.precision import autocast_to, resolve_precision, memory_format_for, cpu_has_bf16
 

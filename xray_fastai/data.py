@@ -117,7 +117,7 @@ def open_xray(fn, # image path (or open file)
 # %% ../nbs/01_data.ipynb #7c054681
 def check_image(fn) -> str|None:
     "Why `fn` cannot be read as an X-ray, or `None` if it can."
-    # JPEGs at their smallest scale (1/8): every coefficient is still entropy-decoded, so damage anywhere is found
+    # JPEGs at their smallest scale (1/8): every coefficient is still entropy-decoded, so it refuses what larger scales do
     try: open_xray(fn, draft=1)
     except Exception as e: return f"{type(e).__name__}: {e}".splitlines()[0][:200]
 
