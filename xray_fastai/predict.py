@@ -139,9 +139,10 @@ class XrayPreprocess:
         "An 8-bit grey image as the `uint8` tensor the batch transforms take."
         return self.item_tfms(XrayImage(im))
 
-    def batch(self, items:list) -> TensorImageBW:
-        "Normalised `(n, 1, size, size)` float batch of `item` tensors."
-        return self.batch_tfms(TensorImageBW(torch.stack(list(items))).to(self.device))
+    def batch(self, items:list) -> torch.Tensor:
+        "Normalised `(n, 1, size, size)` float batch of `item` tensors, as a plain `torch.Tensor` for the model."
+        # fastai's tensor types would send each of the model's ops through Python's `__torch_function__`
+        return self.batch_tfms(TensorImageBW(torch.stack(list(items))).to(self.device)).as_subclass(torch.Tensor)
 
 # %% ../nbs/06_predict.ipynb #bd4fccc1
 def load_predictor(model_path, # a run folder, or its `model.safetensors`
