@@ -13,6 +13,7 @@ The verdicts of the three checks are asserted equal; medians and per-round range
 checked in memory by the old and the new check; the verdicts are counted, and asserted equal."""
 import cProfile, io, os, pstats, random, statistics, sys, time
 from pathlib import Path
+from xray_fastai.core import error_line
 from xray_fastai.data import check_image, open_xray, _check_all
 
 DATA = Path(__file__).resolve().parents[2]/'shared'/'data'/'chest_xray_224'/'train'
@@ -20,7 +21,7 @@ DATA = Path(__file__).resolve().parents[2]/'shared'/'data'/'chest_xray_224'/'tra
 def old_check(fn) -> str|None:
     "`check_image` as every start ran it before issue 17: JPEGs decoded to no smaller than 32 px."
     try: open_xray(fn, draft=32)
-    except Exception as e: return f"{type(e).__name__}: {e}".splitlines()[0][:200]
+    except Exception as e: return error_line(e)
 
 def _spin(n:int=8_000_000):
     s = 0

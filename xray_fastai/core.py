@@ -13,9 +13,9 @@ from fastcore.imports import IN_NOTEBOOK
 
 # %% auto #0
 __all__ = ['STALE_TMP_SECONDS', 'NO_SPACE', 'READ_ONLY', 'XrayError', 'Preempted', 'DamagedFileError', 'ConfigError',
-           'ConfigWarning', 'check', 'check_setting', 'check_out_dir', 'remove_stale_tmp', 'no_space_error',
-           'caused_by', 'read_only_error', 'atomic_path', 'atomic_write_text', 'save_json', 'load_json', 'data_dir',
-           'example_data', 'pyplot', 'save_fig', 'md5sum']
+           'ConfigWarning', 'check', 'check_setting', 'check_out_dir', 'error_line', 'remove_stale_tmp',
+           'no_space_error', 'caused_by', 'read_only_error', 'atomic_path', 'atomic_write_text', 'save_json',
+           'load_json', 'data_dir', 'example_data', 'pyplot', 'save_fig', 'md5sum']
 
 # %% ../nbs/00_core.ipynb #0cf8ce33
 class XrayError(Exception):
@@ -52,6 +52,10 @@ def check_out_dir(out, # a folder about to be written into
     check(not out.is_file(), f"{out} is a file: give a folder")
     check(reuse or not (out.is_dir() and any(out.iterdir())), f"{what} {out} already exists and is not empty: {hint}")
     return out
+
+def error_line(e:BaseException) -> str:
+    "`e` in one line for a user: its type and the first line of its message, at most 200 characters."
+    return f"{type(e).__name__}: {e}".splitlines()[0][:200]
 
 # %% ../nbs/00_core.ipynb #497b628b
 _UMASK = os.umask(0); os.umask(_UMASK)

@@ -119,7 +119,7 @@ def check_image(fn) -> str|None:
     "Why `fn` cannot be read as an X-ray, or `None` if it can."
     # JPEGs at their smallest scale (1/8): every coefficient is still entropy-decoded, so it refuses what larger scales do
     try: open_xray(fn, draft=1)
-    except Exception as e: return f"{type(e).__name__}: {e}".splitlines()[0][:200]
+    except Exception as e: return error_line(e)
 
 # %% ../nbs/01_data.ipynb #cef6770e
 class XrayImage(PILImageBW):
@@ -435,7 +435,7 @@ def presize_cache_path(files, # image paths, in row order
 def _decode_presized(f, size:int) -> tuple:
     "`(image, None)`: `f` decoded at reduced scale and squished to `size` px by the pipeline's own `SquishResize`; or `(None, why)`."
     try: im = XrayImage(open_xray(f, draft=size))
-    except Exception as e: return None, f"{type(e).__name__}: {e}".splitlines()[0][:200]  # as `check_image` says it
+    except Exception as e: return None, error_line(e)  # as `check_image` says it
     return np.asarray(SquishResize(size)(im, split_idx=1)), None
 
 def _presize(f, size:int) -> np.ndarray:

@@ -109,8 +109,6 @@ def read_xray(fn, # an image or DICOM file
     "Open an image or DICOM file as 8-bit grey."
     return open_dicom(fn) if is_dicom(fn) else open_xray(fn, draft=draft)
 
-def _why(e:Exception) -> str: return f"{type(e).__name__}: {e}".splitlines()[0][:200]
-
 # %% ../nbs/06_predict.ipynb #a461e2c3
 def validation_settings(meta:dict, # the model's `model.json`
                         folder=None, # the run folder, whose `config.json` is read when `meta` lacks them
@@ -287,7 +285,7 @@ def save_predictions(df:pd.DataFrame, # `predict`'s result
 def _load_item(fn, pre:XrayPreprocess, draft:bool) -> tuple:
     "`(tensor, None)` for a readable file, `(None, error message)` otherwise."
     try: return pre.item(read_xray(fn, draft=pre.item_size if draft else None)), None
-    except Exception as e: return None, _why(e)
+    except Exception as e: return None, error_line(e)
 
 OVERLAYS = 'overlays.json'  # the overlays `predict` wrote into a Grad-CAM folder: all that --overwrite may remove
 
@@ -303,7 +301,7 @@ def _save_overlay(fn, cams, titles, header, dest:Path) -> str:
     try:
         with atomic_path(dest) as tmp: cam_figure(read_xray(fn), cams, titles, header).save(tmp, format='PNG')
         return str(dest)
-    except Exception as e: return '!' + _why(e)
+    except Exception as e: return '!' + error_line(e)
 
 # %% ../nbs/06_predict.ipynb #a5ac3e08
 def decision_threshold(model_path, # a run folder, or its `model.safetensors`

@@ -77,7 +77,7 @@ def load_model_dir(path, # a run folder, or its `model.safetensors`
               f"{p/'model.json'} is not an xray-fastai model description (it needs {', '.join(MODEL_META_KEYS)})")
         model = build_model(meta['arch'], n_out=len(meta['classes']), n_in=meta['n_in'], pretrained=False)
     except (RuntimeError, KeyError, ValueError, TypeError, OSError) as e:  # a damaged or hand-edited model.json
-        why = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        why = error_line(e)
         raise XrayError(f"could not load the model in {p} (damaged, or not an xray-fastai model: {why}): restore "
                         "model.json from a copy, or train the run again") from e
     return load_exported(model, p/'model.safetensors', meta['arch']).eval(), meta
