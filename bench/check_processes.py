@@ -6,7 +6,7 @@
 Prints a cProfile of 2,000 checks, then takes turns, 6 rounds for each size (page cache warm):
 - the old check: `open_xray(f, draft=32)` for every file in this process (what every start did before);
 - the new check in this process (`check_image`: JPEGs decoded at their smallest scale);
-- the first check as `check_images` runs it (`_check_all`: forked processes, one a core);
+- the first check as `check_images` runs it (`_check_all`: this process and a forked one for each other core);
 - the machine's own ceiling: a pure-Python loop in 2 processes (one forked, as the check's are) against the same work in one.
 The verdicts of the three checks are asserted equal; medians and per-round ranges are printed. `--damaged`: 40 of the
 224 px files and the 23 full-resolution ones, each cut at 30/60/90/99% and overwritten with 8 random bytes in 3 places,
