@@ -210,7 +210,9 @@ _patient_res = [re.compile(r'^(person\d+)_'), re.compile(r'^(.*IM-\d+)-\d+')]
 
 def patient_id(fname:str) -> str|None:
     "Patient id from a Kermany file name: `person123_bacteria_456.jpeg` -> `person123`, `IM-0001-0001.jpeg` -> `IM-0001`."
-    stem = Path(fname).stem
+    name = os.path.basename(fname)  # `Path(fname).stem` without building a `Path`: a fifth of a 100k-file scan
+    dot = name.rfind('.')
+    stem = name[:dot] if 0 < dot < len(name) - 1 else name
     for r in _patient_res:
         if m := r.match(stem): return m.group(1)
 
@@ -226,7 +228,8 @@ def _scan_classes(root:Path, split:str) -> list:
     check(dirs, f"no class folders in {root}: expected {root}/<CLASS>/<image files>")
     rows = []
     for d in dirs:
-        files = sorted(get_files(d, extensions=IMAGE_EXTS, recurse=True))  # fastai's: hidden files and folders skipped
+        files = get_files(d, extensions=IMAGE_EXTS, recurse=True)  # fastai's: hidden files and folders skipped
+        files = sorted(files, key=lambda f: f.parts)  # as `Path`s sort, but compared in C: `Path.__lt__` is Python
         check(files, f"class folder {d} holds no images ({', '.join(sorted(IMAGE_EXTS))})")
         rows += [dict(item=str(f), label=d.name, orig_split=split) for f in files]
     return rows
