@@ -129,3 +129,12 @@ def test_a_checking_process_that_dies_leaves_the_check_to_this_one(shared_data, 
     verdicts = data._check_all(files, num_workers=2)
     assert len(checked_here) == len(files)  # a child died, and this process checked every file itself
     assert verdicts == [check(f) for f in files] and verdicts[3] and not any(verdicts[:3])
+
+def test_the_check_runs_with_the_garbage_collector_paused(tmp_path, monkeypatch):
+    "Full collections set off by 100k small lists made a start grow faster than its files: `check_images` pauses them."
+    import gc
+    seen = []
+    monkeypatch.setattr(xd, 'check_image', lambda p: seen.append(gc.isenabled()))
+    assert gc.isenabled()
+    check_images([str(tmp_path/f"{i}.png") for i in range(5)], tmp_path/'c', num_workers=1)
+    assert seen == [False] * 5 and gc.isenabled()

@@ -6,7 +6,7 @@ Docs: https://xray-fastai.github.io/xray-fastai/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #17447a59
 from __future__ import annotations
-import errno, hashlib, json, os, re, shutil, tempfile, time
+import errno, gc, hashlib, json, os, re, shutil, tempfile, time
 from contextlib import contextmanager
 from pathlib import Path
 from fastcore.imports import IN_NOTEBOOK
@@ -15,7 +15,7 @@ from fastcore.imports import IN_NOTEBOOK
 __all__ = ['STALE_TMP_SECONDS', 'NO_SPACE', 'READ_ONLY', 'XrayError', 'Preempted', 'DamagedFileError', 'ConfigError',
            'ConfigWarning', 'check', 'check_setting', 'check_out_dir', 'error_line', 'remove_stale_tmp',
            'no_space_error', 'caused_by', 'read_only_error', 'atomic_path', 'atomic_write_text', 'save_json',
-           'load_json', 'data_dir', 'example_data', 'pyplot', 'save_fig', 'md5sum']
+           'load_json', 'gc_paused', 'data_dir', 'example_data', 'pyplot', 'save_fig', 'md5sum']
 
 # %% ../nbs/00_core.ipynb #0cf8ce33
 class XrayError(Exception):
@@ -145,6 +145,16 @@ def load_json(path):
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DamagedFileError(f"{path} is damaged (not valid JSON: {str(e).splitlines()[0][:80]}): restore it from "
                                "a copy, or remove what holds it and make it again") from None
+
+# %% ../nbs/00_core.ipynb #747d6763
+@contextmanager
+def gc_paused():
+    "Pause Python's cyclic garbage collector inside (as a `with` block or a decorator); as it was after."
+    was = gc.isenabled()
+    gc.disable()
+    try: yield
+    finally:
+        if was: gc.enable()
 
 # %% ../nbs/00_core.ipynb #82a1ad44
 def data_dir(path=None) -> Path:

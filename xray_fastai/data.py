@@ -188,6 +188,7 @@ def _check_all(paths:list, num_workers:int=None) -> list:
         return done + _check_chunk(paths[len(done):])
     return _check_chunk(paths)
 
+@gc_paused()  # 100k verdicts are 100k small lists: full collections would make a start grow faster than its files
 def check_images(files, # image paths
                  folder=None, # where verdicts are remembered (`check_cache_dir()`); None: nowhere
                  num_workers:int=None, # checking processes for 1000 files or more (default: the cores, at most 8)
@@ -235,6 +236,7 @@ def _scan_classes(root:Path, split:str) -> list:
     return rows
 
 # %% ../nbs/01_data.ipynb #b0f7dafe
+@gc_paused()  # a row a file: see `check_images`
 def _read_folder(root:Path) -> pd.DataFrame:
     splits = {d.name: _split_names[d.name.lower()] for d in _class_dirs(root) if d.name.lower() in _split_names}
     rows = (sum((_scan_classes(root/d, s) for d, s in splits.items()), []) if splits
