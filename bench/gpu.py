@@ -10,13 +10,10 @@ row (bf16 + channels_last); the model-only rate set against timm's published res
 at 224 px with AMP and channels_last on an RTX 3090. Every step ends with `torch.cuda.synchronize()`, so that a step is
 timed when the GPU has done it, not when it was queued.
 
-On the project's device machine (one run, `device`'s README): its image has Python 3.12, torch, torchvision, timm and
-typer, but not fastai, nor what fastai imports that it lacks (fastcore, fasttransform, plum-dispatch, fastdownload,
-fastprogress, and fastprogress's python-fasthtml with its own dependencies), and `../shared/data` does not travel. So,
-here first: copy `../shared/data/chest_xray_224` to `.gpu/data/` and download those packages as Python 3.12 wheels into
-`.gpu/wheels/` (`pip download --no-deps --python-version 3.12 --only-binary=:all: -d .gpu/wheels NAME...`: resolve the list
-with `pip install --dry-run --report`), `.gpu` in `.git/info/exclude`; then run, carrying `.gpu`:
-`pip install --no-index --no-deps .gpu/wheels/*.whl && pip install --no-deps -e . && python bench/gpu.py --data .gpu/data`."""
+On the project's device machine: its image has Python 3.12, torch, torchvision, timm and typer, but not fastai nor some
+of what fastai imports (fastprogress's python-fasthtml among them), and `../shared/data` does not travel.
+`bash bench/gpu_carry.sh` builds `.gpu/` here (the data, and those packages as Python 3.12 wheels, 45 MB in all) and
+prints the one `run` command that installs them there and runs this script."""
 from __future__ import annotations
 import argparse, datetime, sys, time, warnings
 from pathlib import Path
