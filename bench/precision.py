@@ -66,7 +66,7 @@ def predict_prec(a, run, files, fwd:Row, precision='auto') -> dict:
         t_n = seconds(n); marginal.append(seconds(2 * n) - t_n)
         if r % 2 == 1: fwd.chunk(k)
         ratios.append(n / marginal[-1] / (a.bs * k / fwd.rounds[-1]))
-    return dict(rate=n * len(marginal) / sum(marginal), forward=fwd.rate, ratios=ratios)
+    return dict(rate=n * len(marginal) / sum(marginal), ratios=ratios)
 
 
 def model_rows(a, log):
