@@ -130,6 +130,23 @@ def test_a_checking_process_that_dies_leaves_the_check_to_this_one(shared_data, 
     assert len(checked_here) == len(files)  # a child died, and this process checked every file itself
     assert verdicts == [check(f) for f in files] and verdicts[3] and not any(verdicts[:3])
 
+def test_this_process_takes_the_chunks_a_slow_forked_one_has_not_started(shared_data, monkeypatch):
+    "The files are shared by speed, not in fixed halves: against a slow forked process, this one checks most of them."
+    import os, time
+    from xray_fastai import data
+    real = sorted((shared_data/'chest_xray_224'/'train'/'NORMAL').glob('*.jpeg'))[:20]
+    files = [str(real[i % len(real)]) for i in range(1600)]  # 16 chunks of 100
+    parent, check, checked_here = os.getpid(), data.check_image, []
+    def slow_in_a_child(path):
+        if os.getpid() == parent: checked_here.append(path)
+        else: time.sleep(0.01)
+        return check(path)
+    monkeypatch.setattr(data, 'check_image', slow_in_a_child)
+    verdicts = data._check_all(files, num_workers=2)
+    assert verdicts == [check(f) for f in files] and not any(verdicts)
+    # the forked process holds at most the chunk it checks and the next one queued for it when this one reaches them
+    assert len(checked_here) >= 1200 and checked_here == files[:len(checked_here)]
+
 def test_the_check_runs_with_the_garbage_collector_paused(tmp_path, monkeypatch):
     "Full collections set off by 100k small lists made a start grow faster than its files: `check_images` pauses them."
     import gc

@@ -178,12 +178,13 @@ def _check_all(paths:list, num_workers:int=None) -> list:
         from concurrent.futures import ProcessPoolExecutor, process
         size = -(-len(paths) // (n * 8))  # 8 chunks a process: a slow disk region does not hold one process up
         chunks, done = [paths[i:i + size] for i in range(0, len(paths), size)], []
-        mine = len(chunks) // n  # this process checks its share while n-1 forked ones share the rest: one fork fewer
-        try:
+        try:  # n-1 forked processes take chunks from the end, this one from the start: whoever is faster checks more
             with ProcessPoolExecutor(n - 1, mp_context=mp.get_context('fork')) as pool:
-                theirs = pool.map(_check_chunk, chunks[mine:])
-                done = [w for c in chunks[:mine] for w in _check_chunk(c)]
-                return done + [w for part in theirs for w in part]
+                theirs, mine = [pool.submit(_check_chunk, c) for c in reversed(chunks)][::-1], 0
+                for c, fut in zip(chunks, theirs):
+                    if not fut.cancel(): break  # a forked process has it: so it has every later one
+                    done += _check_chunk(c); mine += 1
+                return done + [w for fut in theirs[mine:] for w in fut.result()]
         except (OSError, process.BrokenProcessPool): pass  # no processes to be had (limits, memory): the rest here
         return done + _check_chunk(paths[len(done):])
     return _check_chunk(paths)
