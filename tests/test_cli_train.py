@@ -73,6 +73,15 @@ def test_bad_train_options(start_cli, mini_npz, tmp_path, args, words):
     _one_line_error(r, *words)
     assert not (tmp_path/'run').exists()
 
+@pytest.mark.parametrize('cmd', [['train', '--epochs', '0'], ['lr-find', '--bs', '0'], ['train', '--recipe', 'pneumoniamnist', '--lr', 'fast']])
+def test_a_wrong_value_is_answered_before_torch_loads(cmd):
+    "A mistyped value costs a user a fraction of a second, not the seconds torch and fastai take to import."
+    import subprocess, sys
+    code = (f"import sys\nfrom xray_fastai.cli import main\ntry: main({cmd!r})\n"
+            "except SystemExit as e: print(e.code, sorted({'torch', 'fastai'} & set(sys.modules)))")
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.split() == ['2', '[]'] and len(r.stderr.splitlines()) == 1 and r.stderr.startswith('error: --'), r
+
 def test_resume_takes_no_other_settings(run_cli, mini_npz, tmp_path):
     r = run_cli('train', '--resume', tmp_path/'run', '--epochs', '9', '--bs', '8', '--data-dir', tmp_path)
     _one_line_error(r, '--resume continues a run with its own settings: drop --epochs, --bs')

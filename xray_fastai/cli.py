@@ -365,13 +365,13 @@ def train_cmd(ctx:typer.Context,
     if distributed > 1 and 'WORLD_SIZE' not in os.environ:  # not yet under a launcher: be one
         from xray_fastai.distributed import launch_local
         raise typer.Exit(launch_local(distributed, _without_option(_state['argv'], '--distributed')))
-    from xray_fastai import learner
     if resume:
         given = [f"--{k.replace('_', '-')}" for k in ctx.params if k not in ('resume', 'distributed', 'data_dir') and _given(ctx, k)]
         check(not given, f"--resume continues a run with its own settings: drop {', '.join(given)} "
               "(only --data-dir and --distributed go with it)")
-        path = learner.resume(resume, data_dir=settings['data_dir'])
-    else: path = _train(track, track_model, out=out, **run_settings(ctx))
+    else: config = RunConfig.from_recipe(**run_settings(ctx))  # a wrong value is answered before torch loads
+    from xray_fastai import learner
+    path = learner.resume(resume, data_dir=settings['data_dir']) if resume else _train(track, track_model, config=config, out=out)
     if not _rank0(): return
     m = learner.load_json(path/'metrics.json')
     typer.echo(f"{path}  best epoch {m['best_epoch'] + 1}/{m['epochs']}: " +
@@ -386,9 +386,10 @@ def lr_find_cmd(ctx:typer.Context,
                 plot:Annotated[Path, typer.Option('--plot', help="where to save the loss-vs-lr plot (PNG)")]=Path('lr_find.png'),
                 **settings):
     "Run fastai's lr_find and print every suggestion (valley, slide, minimum, steep)."
-    from xray_fastai import learner
     check(not plot.exists(), f"{plot} already exists: choose another --plot")
-    res = learner.lr_find_only(plot=plot, **run_settings(ctx))
+    config = RunConfig.from_recipe(**run_settings(ctx))
+    from xray_fastai import learner
+    res = learner.lr_find_only(config, plot=plot)
     for k, v in res.items(): typer.echo(f"{k:<8} {v:.2e}")
     typer.echo(f"plot: {plot}", err=True)
 

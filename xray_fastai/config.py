@@ -14,7 +14,7 @@ from fastcore.basics import patch
 from .core import *
 
 # %% auto #0
-__all__ = ['LR_METHODS', 'SITE_METRICS', 'MONITORS', 'RECIPES', 'SETTINGS', 'run_mode', 'RunConfig']
+__all__ = ['LR_METHODS', 'SITE_METRICS', 'MONITORS', 'RECIPES', 'SETTINGS', 'run_mode', 'source_id', 'RunConfig']
 
 # %% ../nbs/00a_config.ipynb #5f471974
 LR_METHODS = ('valley', 'slide', 'minimum', 'steep')  # fastai's `lr_find` suggestion functions, by name
@@ -27,6 +27,11 @@ def run_mode(frozen:bool) -> str:
 
 # %% ../nbs/00a_config.ipynb #3ecc50a1
 def _abs_path(p) -> str: return str(Path(p).expanduser().resolve())
+
+def source_id(source) -> str:
+    "`source` as runs record it: an existing path made absolute, a dataset name as given."
+    p = Path(str(source)).expanduser()
+    return str(p.resolve()) if p.exists() else str(source)
 
 @dataclass
 class RunConfig:
@@ -84,7 +89,6 @@ class RunConfig:
 
     def __post_init__(self):
         "Resolve the defaults that depend on other settings, make paths absolute and check every setting."
-        from xray_fastai.data import source_id
         self.source = source_id(self.source)
         self.weights = _abs_path(self.weights) if self.weights else None
         self.site = source_id(self.site) if self.site else None
@@ -106,11 +110,6 @@ class RunConfig:
 @patch
 def check(self:RunConfig):
     "Raise a `ConfigError` naming the first wrong setting; warn (`ConfigWarning`) of settings that run, but likely not as meant."
-    import inspect
-    from fastai.vision.augment import aug_transforms
-    from xray_fastai.data import AUG_FIXED
-    from xray_fastai.models import resolve_arch
-    from xray_fastai.precision import resolve_precision
     check_setting(self.epochs > 0, f"`epochs` must be positive, got {self.epochs}")
     check_setting(not self.checkpoint_every or self.checkpoint_every > 0, f"`checkpoint_every` must be positive, got {self.checkpoint_every}")
     check_setting(self.bs > 0, f"`bs` must be positive, got {self.bs}")
@@ -127,12 +126,18 @@ def check(self:RunConfig):
     check_setting(self.patience is None or self.patience > 0, f"`patience` must be positive, got {self.patience}")
     check_setting(self.mixup >= 0, f"`mixup` must be 0 (off) or a positive Beta alpha, got {self.mixup}")
     check_setting(0 < self.valid_pct <= 0.5, f"`valid_pct` must be in (0, 0.5], got {self.valid_pct}")
-    unknown = set(self.aug_kwargs) - (set(inspect.signature(aug_transforms).parameters) - set(AUG_FIXED))
-    check_setting(not unknown, f"unknown augmentation setting(s) {sorted(unknown)} in `aug_kwargs`: use aug_transforms "
-                  "arguments, e.g. max_rotate (the input size is `size`)")
     check_setting(not (self.frozen and self.freeze_epochs), "`freeze_epochs` is for fine-tuning; `frozen` trains only the head")
     check_setting(not self.cached_features or (self.frozen and not self.aug), "`cached_features` need `frozen` and no `aug`")
     check_setting(not (self.mixup and self.cached_features), "`mixup` mixes images: it needs `aug`, or fine-tuning")
+    # the checks above import nothing, so a wrong value is answered before torch and fastai load (seconds on a CPU)
+    import inspect
+    from fastai.vision.augment import aug_transforms
+    from xray_fastai.data import AUG_FIXED
+    from xray_fastai.models import resolve_arch
+    from xray_fastai.precision import resolve_precision
+    unknown = set(self.aug_kwargs) - (set(inspect.signature(aug_transforms).parameters) - set(AUG_FIXED))
+    check_setting(not unknown, f"unknown augmentation setting(s) {sorted(unknown)} in `aug_kwargs`: use aug_transforms "
+                  "arguments, e.g. max_rotate (the input size is `size`)")
     resolve_precision(self.precision)  # an unknown name, or fp16 without a GPU: before any folder is made
     resolve_arch(self.arch)  # an unknown name
     if self.frozen and not self.pretrained and not self.weights:

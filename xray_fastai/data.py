@@ -21,8 +21,8 @@ from .core import *
 __all__ = ['CLASSES', 'POSITIVE', 'IMAGE_EXTS', 'GREY_IMAGENET_STATS', 'MEDMNIST_URL', 'PNEUMONIAMNIST_MD5', 'CHECKS_VERSION',
            'XRAY_AUG', 'AUG_FIXED', 'PRESIZE_CACHE_VERSION', 'pneumoniamnist_fname', 'download', 'open_xray',
            'check_image', 'XrayImage', 'check_cache_dir', 'check_images', 'patient_id', 'read_csv_table', 'XraySource',
-           'source_id', 'load_source', 'describe', 'ArrayReader', 'SquishResize', 'presize_cache_path', 'item_size',
-           'presize_cache', 'PresizedReader', 'train_stats', 'xray_dataloaders', 'xray_test_dl', 'add_training_images']
+           'load_source', 'describe', 'ArrayReader', 'SquishResize', 'presize_cache_path', 'item_size', 'presize_cache',
+           'PresizedReader', 'train_stats', 'xray_dataloaders', 'xray_test_dl', 'add_training_images']
 
 # %% ../nbs/01_data.ipynb #cd335cac
 CLASSES = ['NORMAL', 'PNEUMONIA']
@@ -324,11 +324,6 @@ class XraySource:
         return f"XraySource({self.name}: " + ', '.join(f"{s} {sum(c.values())}" for s, c in self.counts().items()) + ')'
 
 # %% ../nbs/01_data.ipynb #98f3fd2b
-def source_id(source) -> str:
-    "`source` as runs record it: an existing path made absolute, a dataset name as given."
-    p = Path(str(source)).expanduser()
-    return str(p.resolve()) if p.exists() else str(source)
-
 def load_source(source:str|Path='pneumoniamnist', # `pneumoniamnist[:size]`, an .npz, a folder or a CSV
                 data_dir=None, # dataset cache folder, for named datasets
                 verify:bool=True, # check a downloaded file's MD5 / check every image file is readable

@@ -15,7 +15,7 @@ from fastai.vision.all import ClassificationInterpretation, Learner, TensorCateg
 from .core import *
 from .data import *
 from .data import _split_names
-from .config import RunConfig, run_mode
+from .config import RunConfig, run_mode, source_id
 from .runs import load_exported, check_unchanged_source, run_source
 from .learner import xray_learner
 

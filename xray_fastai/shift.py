@@ -15,7 +15,7 @@ from fastcore.all import *
 from .core import *
 from .data import *
 from .data import _class_dirs
-from .config import RunConfig
+from .config import RunConfig, source_id
 from .evaluate import binary_metrics, eval_learner, _run_config, _external_source, _split_name
 from .runs import run_source
 
