@@ -2,6 +2,7 @@
 
     python bench/check_processes.py            # 5,000 and 20,000 links to Kermany's 224 px JPEGs; prints only
     python bench/check_processes.py --damaged  # only: old and new check on damaged copies of real files, same verdicts?
+    python bench/check_processes.py --chunks 8,16,32,64  # only: the first check with that many chunks a process
 
 Prints a cProfile of 2,000 checks, then takes turns, 6 rounds for each size (page cache warm):
 - the old check: `open_xray(f, draft=32)` for every file in this process (what every start did before);
@@ -10,7 +11,9 @@ Prints a cProfile of 2,000 checks, then takes turns, 6 rounds for each size (pag
 - the machine's own ceiling: a pure-Python loop in 2 processes (one forked, as the check's are) against the same work in one.
 The verdicts of the three checks are asserted equal; medians and per-round ranges are printed. `--damaged`: 40 of the
 224 px files and the 23 full-resolution ones, each cut at 30/60/90/99% and overwritten with 8 random bytes in 3 places,
-checked in memory by the old and the new check; the verdicts are counted, and asserted equal."""
+checked in memory by the old and the new check; the verdicts are counted, and asserted equal. `--chunks`: `_check_all`
+with each number of chunks a process in turn (8 rounds at 1,000, 5,000 and 20,000 files), against the new check in one
+process."""
 import cProfile, io, os, pstats, random, statistics, sys, time
 from pathlib import Path
 from xray_fastai.core import error_line
@@ -39,6 +42,17 @@ def ceiling() -> float:
 def timed(f, *args):
     t0 = time.perf_counter(); r = f(*args); return r, time.perf_counter() - t0
 
+def chunk_sizes(counts:list, files:list):
+    "Median seconds of the first check with each of `counts` chunks a process, taking turns, and its speed-up over one process."
+    for n in (1000, 5000, 20000):
+        fs, res, one = files[:n], {k: [] for k in counts}, []
+        for i in range(8):
+            one.append(timed(lambda: [check_image(f) for f in fs])[1])
+            for k in (counts if i % 2 else counts[::-1]): res[k].append(timed(_check_all, fs, None, k)[1])
+        base = statistics.median(one)
+        print(f"n={n}: one process {base:.3f}s; " + '; '.join(f"{k} chunks a process {statistics.median(v):.3f}s "
+              f"({base / statistics.median(v):.2f}x)" for k, v in res.items()), flush=True)
+
 def damaged_verdicts() -> dict:
     "How many damaged copies of real files each check refuses, and how many verdicts differ (asserted none)."
     real = sorted(DATA.rglob('*.jpeg'))[:40] + sorted((DATA.parents[1]/'chest_xray_fullres_sample').rglob('*.jpeg'))
@@ -59,6 +73,7 @@ if __name__ == '__main__':
     if '--damaged' in sys.argv[1:]: print(damaged_verdicts()); sys.exit()
     files = (sorted(map(str, DATA.rglob('*.jpeg'))) * 4)[:20000]
     [old_check(f) for f in files[:5232]]  # warm the page cache
+    if '--chunks' in sys.argv[1:]: chunk_sizes([int(k) for k in sys.argv[sys.argv.index('--chunks') + 1].split(',')], files); sys.exit()
     prof = cProfile.Profile(); prof.enable(); [check_image(f) for f in files[:2000]]; prof.disable()
     pstats.Stats(prof).sort_stats('tottime').print_stats(8)
     for n in (5000, 20000):

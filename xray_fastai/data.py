@@ -170,13 +170,14 @@ def _remember_checks(paths:list, stats:dict, why:dict, folder, known:dict=None):
 
 def _check_chunk(paths:list) -> list: return [check_image(p) for p in paths]
 
-def _check_all(paths:list, num_workers:int=None) -> list:
+def _check_all(paths:list, num_workers:int=None, chunks_per_process:int=32) -> list:
     "`check_image` of every path: in `num_workers` processes for long lists (it is mostly Python, so threads share one core)."
     n = min(defaults.cpus, 8) if num_workers is None else num_workers
     if n > 1 and len(paths) >= 1000 and sys.platform == 'linux':  # a fork costs ~0.05 s; fork is safe on Linux only
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, process
-        size = -(-len(paths) // (n * 8))  # 8 chunks a process: a slow disk region does not hold one process up
+        # small chunks: a forked process holds one queued beside the one it checks, which this one cannot take
+        size = -(-len(paths) // (n * chunks_per_process))
         chunks, done = [paths[i:i + size] for i in range(0, len(paths), size)], []
         try:  # n-1 forked processes take chunks from the end, this one from the start: whoever is faster checks more
             with ProcessPoolExecutor(n - 1, mp_context=mp.get_context('fork')) as pool:
