@@ -135,7 +135,7 @@ def test_this_process_takes_the_chunks_a_slow_forked_one_has_not_started(shared_
     import os, time
     from xray_fastai import data
     real = sorted((shared_data/'chest_xray_224'/'train'/'NORMAL').glob('*.jpeg'))[:20]
-    files = [str(real[i % len(real)]) for i in range(1600)]  # 16 chunks of 100
+    files = [str(real[i % len(real)]) for i in range(1600)]  # 64 chunks of 25
     parent, check, checked_here = os.getpid(), data.check_image, []
     def slow_in_a_child(path):
         if os.getpid() == parent: checked_here.append(path)
@@ -144,7 +144,7 @@ def test_this_process_takes_the_chunks_a_slow_forked_one_has_not_started(shared_
     monkeypatch.setattr(data, 'check_image', slow_in_a_child)
     verdicts = data._check_all(files, num_workers=2)
     assert verdicts == [check(f) for f in files] and not any(verdicts)
-    # the forked process holds at most the chunk it checks and the next one queued for it when this one reaches them
+    # the forked process holds at most the chunk it checks and the one queued for it when this one reaches them
     assert len(checked_here) >= 1200 and checked_here == files[:len(checked_here)]
 
 def test_the_check_runs_with_the_garbage_collector_paused(tmp_path, monkeypatch):
