@@ -147,6 +147,18 @@ def test_this_process_takes_the_chunks_a_slow_forked_one_has_not_started(shared_
     # the forked process holds at most the chunk it checks and the one queued for it when this one reaches them
     assert len(checked_here) >= 1200 and checked_here == files[:len(checked_here)]
 
+def test_the_check_converts_to_grey_all_but_plain_jpegs(shared_data, tmp_path, monkeypatch):
+    "`check_image` skips `open_xray`'s orientation and grey conversion only where they cannot fail: a JPEG without EXIF."
+    from PIL import Image
+    plain = sorted((shared_data/'chest_xray_224'/'train'/'NORMAL').glob('*.jpeg'))[0]
+    exif = Image.Exif(); exif[0x0112] = 6  # orientation: rotated
+    Image.open(plain).save(tmp_path/'exif.jpeg', exif=exif)
+    Image.open(plain).save(tmp_path/'x.png')
+    converted, to_grey = [], xd._to_grey
+    monkeypatch.setattr(xd, '_to_grey', lambda im: converted.append(im.format) or to_grey(im))
+    assert [xd.check_image(f) for f in (plain, tmp_path/'exif.jpeg', tmp_path/'x.png')] == [None] * 3
+    assert converted == ['JPEG', 'PNG']
+
 def test_the_check_runs_with_the_garbage_collector_paused(tmp_path, monkeypatch):
     "Full collections set off by 100k small lists made a start grow faster than its files: `check_images` pauses them."
     import gc
