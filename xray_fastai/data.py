@@ -181,24 +181,43 @@ def _remember_checks(paths:list, stats:dict, why:dict, folder, known:dict=None):
 
 def _check_chunk(paths:list) -> list: return [check_image(p) for p in paths]
 
+def _claim(bounds, from_end:bool) -> int|None:
+    "The next unchecked chunk's index from the front or the end of `bounds` (`[first, end)`, shared); None when none is left."
+    with bounds.get_lock():
+        lo, hi = bounds
+        if lo >= hi: return None
+        if from_end: bounds[1] = hi - 1; return hi - 1
+        bounds[0] = lo + 1; return lo
+
+_claims = None  # in a forked checking process: (paths, chunk size, shared bounds)
+def _init_claims(*claims):
+    "A checking process's start: keep what `_check_from_end` needs (inherited through the fork, not pickled)."
+    global _claims
+    _claims = claims
+
+def _check_from_end() -> dict:
+    "In a forked process: check the chunks left, from the end, until none is; their verdicts by chunk index."
+    paths, size, bounds = _claims
+    done = {}
+    while (i := _claim(bounds, True)) is not None: done[i] = _check_chunk(paths[i * size:(i + 1) * size])
+    return done
+
 def _check_all(paths:list, num_workers:int=None, chunks_per_process:int=32) -> list:
     "`check_image` of every path: in `num_workers` processes for long lists (it is mostly Python, so threads share one core)."
     n = min(defaults.cpus, 8) if num_workers is None else num_workers
     if n > 1 and len(paths) >= 1000 and sys.platform == 'linux':  # a fork costs ~0.05 s; fork is safe on Linux only
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, process
-        # small chunks: a forked process holds one queued beside the one it checks, which this one cannot take
-        size = -(-len(paths) // (n * chunks_per_process))
-        chunks, done = [paths[i:i + size] for i in range(0, len(paths), size)], []
-        try:  # n-1 forked processes take chunks from the end, this one from the start: whoever is faster checks more
-            with ProcessPoolExecutor(n - 1, mp_context=mp.get_context('fork')) as pool:
-                theirs, mine = [pool.submit(_check_chunk, c) for c in reversed(chunks)][::-1], 0
-                for c, fut in zip(chunks, theirs):
-                    if not fut.cancel(): break  # a forked process has it: so it has every later one
-                    done += _check_chunk(c); mine += 1
-                return done + [w for fut in theirs[mine:] for w in fut.result()]
-        except (OSError, process.BrokenProcessPool): pass  # no processes to be had (limits, memory): the rest here
-        return done + _check_chunk(paths[len(done):])
+        ctx, size = mp.get_context('fork'), -(-len(paths) // (n * chunks_per_process))
+        n_chunks, done = -(-len(paths) // size), {}
+        bounds = ctx.Array('i', [0, n_chunks])  # the chunks nobody has claimed: forked processes share it
+        try:  # n-1 forked processes claim chunks from the end, this one from the front: whoever is faster checks more
+            with ProcessPoolExecutor(n - 1, mp_context=ctx, initializer=_init_claims, initargs=(paths, size, bounds)) as pool:
+                theirs = [pool.submit(_check_from_end) for _ in range(n - 1)]
+                while (i := _claim(bounds, False)) is not None: done[i] = _check_chunk(paths[i * size:(i + 1) * size])
+                for fut in theirs: done.update(fut.result())
+        except (OSError, process.BrokenProcessPool): pass  # no processes to be had, or one died: what is left, here
+        return [w for i in range(n_chunks) for w in done.get(i) or _check_chunk(paths[i * size:(i + 1) * size])]
     return _check_chunk(paths)
 
 @gc_paused()  # 100k verdicts are 100k small lists: full collections would make a start grow faster than its files
